@@ -1,0 +1,1 @@
+"""Fused kernels (Triton on CUDA, torch on CPU) for fastdiff."""
