@@ -1,0 +1,99 @@
+"""Loss weightings and per-element metrics shared by ``distill_loss`` and ``fused_pd_loss``.
+
+Per-element metrics of the difference ``d = v_student - v_target``:
+
+* ``"l2"``: ``d**2`` (derivative ``2 d``);
+* ``"l1"``: ``|d|`` (derivative ``sign(d)``, 0 at 0);
+* ``"pseudo_huber"``: ``sqrt(d**2 + c**2) - c`` per element with ``c = huber_c``, i.e.
+  ``d**2 / (2c)`` for ``|d| << c`` and ``|d| - c`` for ``|d| >> c``. It is evaluated as
+  ``d**2 / (sqrt(d**2 + c**2) + c)`` (same value, no cancellation for small ``d``);
+  derivative ``d / sqrt(d**2 + c**2)``. Unlike the consistency-model version it is taken
+  per element, not over the norm of the whole sample, so it composes with the same
+  "mean over elements" as the other metrics.
+
+Each metric is one small branch, selected by a ``tl.constexpr`` in the Triton kernels
+(``METRIC_CODES``) and by a string in the torch implementations.
+
+Per-sample weight on the v-space metric (DESIGN §2), with ``phi`` the angle of ``t``:
+``snr_trunc`` -> ``max(cos^2 phi, sin^2 phi)``, ``snr+1`` -> 1, ``const`` -> ``sin^2 phi``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import METRICS, WEIGHTINGS
+from .dispatch import tl, triton
+
+METRIC_CODES = {name: code for code, name in enumerate(METRICS)}
+
+
+def loss_weight(phi: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-sample v-space weight (float64, same shape as ``phi``)."""
+    if weighting == "snr_trunc":
+        return torch.maximum(torch.cos(phi).square(), torch.sin(phi).square())
+    if weighting == "snr+1":
+        return torch.ones_like(phi)
+    if weighting == "const":
+        return torch.sin(phi).square()
+    raise ValueError(f"weighting={weighting!r} is not valid; expected one of {WEIGHTINGS}")
+
+
+def row_scale(phi: torch.Tensor, weighting: str, n_per_sample: int) -> torch.Tensor:
+    """``weight_b / (B * n_per_sample)`` formed in float64, handed over as float32."""
+    batch = phi.shape[0]
+    return (loss_weight(phi, weighting) / (batch * n_per_sample)).to(torch.float32)
+
+
+# ---------------------------------------------------------------- torch versions
+def metric_torch_(d: torch.Tensor, metric: str, huber_c: float) -> torch.Tensor:
+    """Per-element metric of ``d`` (float32); may overwrite ``d``."""
+    if metric == "l2":
+        return d.square_()
+    if metric == "l1":
+        return d.abs_()
+    sq = d.square_()
+    return sq / (sq + huber_c * huber_c).sqrt_().add_(huber_c)
+
+
+def metric_grad_torch_(d: torch.Tensor, metric: str, huber_c: float) -> torch.Tensor:
+    """Derivative of the per-element metric at ``d`` (float32); may overwrite ``d``."""
+    if metric == "l2":
+        return d.mul_(2.0)
+    if metric == "l1":
+        return d.sign_()
+    return d / (d.square() + huber_c * huber_c).sqrt_()
+
+
+def metric_reference(d: torch.Tensor, metric: str, huber_c: float) -> torch.Tensor:
+    """Textbook forms, for the float64 references (tests only)."""
+    if metric == "l2":
+        return d * d
+    if metric == "l1":
+        return d.abs()
+    return torch.sqrt(d * d + huber_c * huber_c) - huber_c
+
+
+# ---------------------------------------------------------------- Triton versions
+if triton is not None:
+
+    @triton.jit
+    def metric_value(d, METRIC: tl.constexpr, HUBER_C: tl.constexpr):
+        if METRIC == 0:  # l2
+            out = d * d
+        elif METRIC == 1:  # l1
+            out = tl.abs(d)
+        else:  # pseudo_huber, cancellation-free form
+            sq = d * d
+            out = sq / (tl.sqrt(sq + HUBER_C * HUBER_C) + HUBER_C)
+        return out
+
+    @triton.jit
+    def metric_grad(d, METRIC: tl.constexpr, HUBER_C: tl.constexpr):
+        if METRIC == 0:  # l2
+            out = 2.0 * d
+        elif METRIC == 1:  # l1
+            out = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        else:  # pseudo_huber
+            out = d / tl.sqrt(d * d + HUBER_C * HUBER_C)
+        return out

@@ -1,0 +1,92 @@
+"""Backend selection for the fastdiff kernels, and the guarded Triton import.
+
+``FASTDIFF_KERNELS`` (read at every call, so it can be changed between calls):
+
+* unset / ``auto``: CUDA tensors -> Triton kernels (torch when Triton is missing),
+  everything else -> the torch implementations;
+* ``torch``: the torch implementations everywhere;
+* ``triton``: the Triton kernels everywhere. On CPU tensors this only works under the
+  Triton interpreter, and Triton decides that when a kernel is *defined*: set
+  ``TRITON_INTERPRET=1`` before ``fastdiff.kernels`` (or anything that imports it) is
+  first imported.
+
+Triton is imported here, guarded, so that the package imports where Triton is not
+installed (non-Linux); the op modules define their kernels only when it is present.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # pragma: no cover - depends on the platform
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+def _interpreter_on() -> bool:
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+#: Whether the Triton kernels of this package were defined under the interpreter
+#: (decided once, when the op modules were imported right after this one).
+TRITON_INTERPRETED: bool = _interpreter_on()
+
+BACKENDS = ("auto", "torch", "triton")
+
+#: Elements per Triton program. Fixed (no autotuning: a re-run kernel corrupts
+#: accumulating outputs, and one config keeps the interpreter tests honest).
+BLOCK = 1024
+
+#: CUDA limits grid axes 1 and 2 to 65535 programs; rows beyond that are launched in
+#: further chunks.
+MAX_ROWS_PER_LAUNCH = 65535
+
+
+def requested_backend() -> str:
+    value = os.environ.get("FASTDIFF_KERNELS", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"FASTDIFF_KERNELS={value!r} is not a known backend; expected one of {BACKENDS}"
+        )
+    return value
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"torch"``: which implementation runs on ``tensor``."""
+    requested = requested_backend()
+    if requested == "torch":
+        return "torch"
+    device = tensor.device.type
+    if requested == "auto":
+        return "triton" if device == "cuda" and triton is not None else "torch"
+    # requested == "triton"
+    if triton is None:
+        raise RuntimeError("FASTDIFF_KERNELS=triton, but triton is not installed")
+    if device == "cpu" and not TRITON_INTERPRETED:
+        raise RuntimeError(
+            "FASTDIFF_KERNELS=triton on CPU tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before fastdiff.kernels is first imported"
+        )
+    if device not in ("cpu", "cuda"):
+        raise RuntimeError(f"FASTDIFF_KERNELS=triton: no Triton kernels for {device} tensors")
+    return "triton"
+
+
+def row_chunks(batch: int):
+    """Yield ``(row_start, rows)`` pieces of the batch, each small enough for grid axis 1."""
+    for start in range(0, batch, MAX_ROWS_PER_LAUNCH):
+        yield start, min(MAX_ROWS_PER_LAUNCH, batch - start)
+
+
+def blocks_per_row(n_per_sample: int) -> int:
+    return max(1, -(-n_per_sample // BLOCK))
