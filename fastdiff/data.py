@@ -374,7 +374,11 @@ def load_path(
     if p.is_dir():
         x, y, classes = _read_image_folder(p)
         return from_tensors(
-            x, y, name=str(p), held_out=held_out, seed=seed,
+            x,
+            y,
+            name=str(p),
+            held_out=held_out,
+            seed=seed,
             num_classes=None if classes is None else len(classes),
         )
     suffix = p.suffix.lower()
@@ -387,9 +391,7 @@ def load_path(
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _read_image_folder(folder: Path):

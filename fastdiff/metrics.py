@@ -40,6 +40,7 @@ __all__ = [
     "DigitsFID",
     "fid_digits",
     "cache_dir",
+    "true_spread",
 ]
 
 
@@ -139,6 +140,19 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     d = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_cross)
     return max(d, 0.0)
+
+
+def true_spread(
+    data: Dataset, n: int, *, metric=sliced_wasserstein, repeats: int = 10, seed: int = 0
+) -> torch.Tensor:
+    """`metric` between two independent sets of n exact samples, `repeats` times: the
+    spread a perfect model shows at n samples, to set a quality threshold from (toy data)."""
+    out = []
+    for r in range(repeats):
+        a = data.sample_true(n, generator=torch.Generator().manual_seed(seed + 2 * r))
+        b = data.sample_true(n, generator=torch.Generator().manual_seed(seed + 2 * r + 1))
+        out.append(metric(a, b))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 # --- FID-digits ----------------------------------------------------------------------------------
