@@ -187,8 +187,9 @@ class CondEmbedding(nn.Module):
                 u = torch.zeros(batch, device=device, dtype=torch.float32)
             else:
                 u = _per_batch(value, batch, device, name)
-            e = mlp(fourier_features(u * self.scales[name], self.fourier_dim).to(
-                mlp[0].weight.dtype))
+            e = mlp(
+                fourier_features(u * self.scales[name], self.fourier_dim).to(mlp[0].weight.dtype)
+            )
             emb = e if emb is None else emb + e
         return emb
 
@@ -430,8 +431,9 @@ class MLP(_Conditioned):
 
     kind = "mlp"
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
-                 scalar_conds=()):
+    def __init__(
+        self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0, scalar_conds=()
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -509,11 +511,10 @@ def default_model_for(example_shape, num_classes: int = 0) -> nn.Module:
         while len(mults) < 4 and size % 2 == 0 and size // 2 >= 4 and w % (2 ** len(mults)) == 0:
             mults.append(2)
             size //= 2
-        return UNet(in_channels=c, image_size=h, channel_mults=tuple(mults),
-                    num_classes=num_classes)
-    raise ValueError(
-        f"example_shape must be (C, H, W) for images or (D,) for vectors, got {shape}"
-    )
+        return UNet(
+            in_channels=c, image_size=h, channel_mults=tuple(mults), num_classes=num_classes
+        )
+    raise ValueError(f"example_shape must be (C, H, W) for images or (D,) for vectors, got {shape}")
 
 
 # --- wrapping user models ------------------------------------------------------------------
@@ -560,8 +561,9 @@ class VPredictionWrapper(nn.Module):
         return v.to(z.dtype)
 
 
-def as_v_model(model, prediction: str = "eps", schedule: Schedule | None = None, *,
-               delta: float = 1e-3) -> nn.Module:
+def as_v_model(
+    model, prediction: str = "eps", schedule: Schedule | None = None, *, delta: float = 1e-3
+) -> nn.Module:
     """Wrap a model (nn.Module or callable `f(z, t, **cond)`) that predicts ε or x so that it
     predicts v = α ε − σ x, the fastdiff convention.
 
@@ -588,4 +590,3 @@ def as_v_model(model, prediction: str = "eps", schedule: Schedule | None = None,
     if not 0.0 < delta < HALF_PI / 2:
         raise ValueError(f"delta must be in (0, π/4), got {delta}")
     return VPredictionWrapper(model, prediction, schedule or CosineSchedule(), delta)
-
