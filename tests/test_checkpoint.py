@@ -22,6 +22,16 @@ from fastdiff.models import MLP, UNet, add_scalar_condition
 from fastdiff.schedules import CosineSchedule, LinearLogSNRSchedule
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and avoids OpenMP barriers
+    that cost ~100x when the 2 cores are shared with other jobs (measured here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
