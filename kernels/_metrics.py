@@ -28,6 +28,12 @@ from .dispatch import tl, triton
 METRIC_CODES = {name: code for code, name in enumerate(METRICS)}
 
 
+def huber_constexpr(metric: str, huber_c: float) -> float:
+    """The ``HUBER_C`` constexpr for a launch: 0 unless used, so that l2/l1 kernels are
+    compiled once whatever ``huber_c`` the caller passed."""
+    return huber_c if metric == "pseudo_huber" else 0.0
+
+
 def loss_weight(phi: torch.Tensor, weighting: str) -> torch.Tensor:
     """Per-sample v-space weight (float64, same shape as ``phi``)."""
     if weighting == "snr_trunc":

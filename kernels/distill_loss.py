@@ -15,6 +15,7 @@ from torch import Tensor
 from . import _checks
 from ._metrics import (
     METRIC_CODES,
+    huber_constexpr,
     metric_grad_torch_,
     metric_reference,
     metric_torch_,
@@ -74,7 +75,7 @@ def _distill_loss_triton(vs: Tensor, vt: Tensor, scale: Tensor, metric: str,
     for start, rows in row_chunks(batch):
         _distill_loss_fwd_kernel[(n_blocks, rows)](
             vs, vt, scale, partial, n, n_blocks, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_c, BLOCK=BLOCK,
+            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
         )
     return partial.sum(dtype=torch.float64).to(torch.float32)
 
@@ -88,7 +89,7 @@ def _distill_loss_backward_triton(vs: Tensor, vt: Tensor, scale: Tensor, metric:
     for start, rows in row_chunks(batch):
         _distill_loss_bwd_kernel[(blocks_per_row(n), rows)](
             vs, vt, scale, grad, n, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_c, BLOCK=BLOCK,
+            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
         )
     return grad
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _checks
 from ._metrics import (
     METRIC_CODES,
+    huber_constexpr,
     metric_grad_torch_,
     metric_torch_,
     row_scale,
@@ -84,7 +85,7 @@ def _fused_pd_loss_triton(vs, z, v1, v2, cz, c1, c2, scale, metric, huber_c):
     for start, rows in row_chunks(batch):
         _fused_pd_loss_fwd_kernel[(n_blocks, rows)](
             vs, z, v1, v2, cz, c1, c2, scale, partial, n, n_blocks, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_c, BLOCK=BLOCK,
+            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
         )
     return partial.sum(dtype=torch.float64).to(torch.float32)
 
@@ -97,7 +98,7 @@ def _fused_pd_loss_backward_triton(vs, z, v1, v2, cz, c1, c2, scale, metric, hub
     for start, rows in row_chunks(batch):
         _fused_pd_loss_bwd_kernel[(blocks_per_row(n), rows)](
             vs, z, v1, v2, cz, c1, c2, scale, grad, n, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_c, BLOCK=BLOCK,
+            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
         )
     return grad
 

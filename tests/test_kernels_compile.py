@@ -11,7 +11,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import math  # noqa: E402
 
 import torch  # noqa: E402
-
 from fastdiff.kernels import ddim_step, distill_loss, fused_pd_loss, pd_target  # noqa: E402
 from fastdiff.kernels.dispatch import TRITON_INTERPRETED, triton  # noqa: E402
 
