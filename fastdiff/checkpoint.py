@@ -115,9 +115,11 @@ def save(model: torch.nn.Module, path, *, metadata: dict | None = None) -> Path:
     removed after). The schedule recorded is `model.schedule` if the model has one, else the
     default cosine schedule. `metadata` is any JSON-able dict, stored under "metadata".
     A `path` ending in model.safetensors means its folder. Refuses to replace anything at
-    `path` that is not a fastdiff checkpoint (or an empty folder).
+    `path` that is not a fastdiff checkpoint (or an empty folder). A torch.compile'd or
+    DDP-wrapped model is saved as the module inside.
     """
     target = _checkpoint_dir(path)
+    model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "kind" not in config:
         raise CheckpointError(
@@ -176,6 +178,18 @@ def save(model: torch.nn.Module, path, *, metadata: dict | None = None) -> Path:
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+def _unwrap(model):
+    """The module inside torch.compile (`_orig_mod`) / DistributedDataParallel (`module`)
+    wrappers, whose state-dict keys carry a prefix the rebuilt model would not have."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DataParallel", "DistributedDataParallel"):
+            model = model.module  # by name: touching torch.nn.parallel imports torch.jit
+        else:
+            return model
 
 
 def _replaceable(target: Path) -> bool:

@@ -165,6 +165,7 @@ def test_default_model_for():
         default_model_for((4, 4))
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method:DeprecationWarning")
 def test_compiles_fullgraph():
     model = _randomise(_small_unet(num_classes=3, scalar_conds=("w",)))
     z, t = torch.randn(2, 1, 8, 8), torch.rand(2)
