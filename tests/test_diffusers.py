@@ -352,3 +352,52 @@ def test_import_fastdiff_without_diffusers():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_labelled_pd_round_uses_the_null_row(trained, digits):
+    """PD on (x, y) data: labels (with −1 dropout) reach the UNet's class embedding."""
+    _, ddpm = trained
+    unet = tiny_unet(num_class_embeds=11)
+    teacher = from_diffusers(unet, ddpm, null_class=10)
+    seen = []
+    hook = unet.class_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    result = distill_round(teacher, (digits.train[:128], digits.train_labels[:128]),
+                           teacher_steps=4, updates=2, batch_size=16, lr=1e-3,
+                           label_dropout=0.5, progress=False, heldout_size=8, eval_every=2)
+    hook.remove()
+    labels = torch.cat(seen)
+    assert labels.min() >= 0 and labels.max() == 10 and labels.lt(10).any()  # null row used
+    x = sample(result.student, noise_like(2), 2, cond={"y": torch.tensor([3, 4])}, guidance=0.5)
+    assert torch.isfinite(x).all()
+
+
+def test_cross_attention_unet_with_a_fixed_prompt(trained):
+    """UNet2DConditionModel + a fixed encoder_hidden_states: fastdiff = diffusers' DDIM."""
+    _, ddpm = trained
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=8, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    prompt = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    teacher = from_diffusers(unet, ddpm, prediction_type="v_prediction",
+                             encoder_hidden_states=prompt)
+    ddim = diffusers.DDIMScheduler.from_config(ddpm.config, timestep_spacing="trailing",
+                                               clip_sample=False, prediction_type="v_prediction")
+    noise = noise_like(3)
+    ref, _ = diffusers_ddim(unet, ddim, noise, 5, encoder_hidden_states=prompt.expand(3, 3, 8))
+    ours = sample(teacher, noise.clone(), 5)
+    assert float((ours - ref).abs().max()) <= 2e-5 * max(float(ref.abs().max()), 1.0)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        from_diffusers(unet, ddpm)(noise, torch.ones(3))
+
+
+def test_sfd_distils_a_diffusers_teacher(trained):
+    from fastdiff.sfd import distill_sfd, sample_sfd
+
+    unet, ddpm = trained
+    result = distill_sfd(from_diffusers(unet, ddpm), student_steps=2, teacher_substeps=1,
+                         data_shape=(1, 8, 8), updates=2, batch_size=4, progress=False)
+    assert isinstance(result.student, DiffusersTeacher)
+    assert torch.isfinite(sample_sfd(result, noise_like(2))).all()

@@ -439,6 +439,7 @@ def export_diffusers(student, folder, *, steps: int, overwrite: bool = False) ->
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / FASTDIFF_JSON).write_text(json.dumps(meta, indent=2))
+        _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
         if target.exists():
             os.rename(target, aside)
         try:
@@ -452,6 +453,20 @@ def export_diffusers(student, folder, *, steps: int, overwrite: bool = False) ->
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems refuse fsync on directories
+            pass
+        finally:
+            os.close(fd)
 
 
 # --- loading ---------------------------------------------------------------------------------
