@@ -138,15 +138,36 @@ def test_schedule_rejects_bad_tables():
 # --- (a) the same DDIM through diffusers and through fastdiff -----------------------------------
 
 
-@pytest.mark.parametrize("prediction_type,steps", [
-    ("epsilon", 10), ("epsilon", 25), ("sample", 10), ("v_prediction", 20)])
-def test_ddim_matches_diffusers_scheduler(trained, prediction_type, steps):
+def source_scheduler(ddpm, source, prediction_type):
+    """The scheduler (or config) handed to from_diffusers, and the DDIM that should match it."""
+    cfg = dict(ddpm.config, prediction_type=prediction_type)
+    ddim_kw = dict(timestep_spacing="trailing", clip_sample=False)
+    if source == "ddpm":
+        src = diffusers.DDPMScheduler.from_config(cfg)
+    elif source == "config dict":  # rebuilt from its config
+        src = {**cfg, "_class_name": "DDPMScheduler"}
+    elif source == "ddim, set_alpha_to_one=False":  # the chain ends at ᾱ_0, not at ᾱ = 1
+        ddim_kw["set_alpha_to_one"] = False
+        src = diffusers.DDIMScheduler.from_config(cfg, **ddim_kw)
+    elif source == "zero terminal SNR":  # ᾱ_{T-1} = 0: φ(1) = π/2 exactly
+        ddim_kw["rescale_betas_zero_snr"] = True
+        src = diffusers.DDPMScheduler.from_config(cfg, rescale_betas_zero_snr=True)
+        assert float(src.alphas_cumprod[-1]) < 1e-6
+    else:
+        raise AssertionError(source)
+    return src, diffusers.DDIMScheduler.from_config(cfg, **ddim_kw)
+
+
+@pytest.mark.parametrize("source,prediction_type,steps", [
+    ("ddpm", "epsilon", 10), ("ddpm", "epsilon", 25), ("ddpm", "sample", 10),
+    ("ddpm", "v_prediction", 20), ("config dict", "epsilon", 10),
+    ("ddim, set_alpha_to_one=False", "epsilon", 10), ("zero terminal SNR", "v_prediction", 10)])
+def test_ddim_matches_diffusers_scheduler(trained, source, prediction_type, steps):
     unet, ddpm = trained
     # the same network read as each prediction type: both sides must interpret it alike
-    teacher = from_diffusers(unet, ddpm, prediction_type=prediction_type)
+    src, ddim = source_scheduler(ddpm, source, prediction_type)
+    teacher = from_diffusers(unet, src)
     assert teacher.prediction_type == prediction_type
-    ddim = diffusers.DDIMScheduler.from_config(ddpm.config, timestep_spacing="trailing",
-                                               clip_sample=False, prediction_type=prediction_type)
     noise = noise_like()
     ref, timesteps = diffusers_ddim(unet, ddim, noise, steps)
     ours = sample(teacher, noise.clone(), steps, sampler="ddim")
@@ -155,9 +176,28 @@ def test_ddim_matches_diffusers_scheduler(trained, prediction_type, steps):
     assert torch.equal(teacher.schedule.timestep(grid).long(), timesteps)
     scale = float(ref.abs().max())
     err = float((ours - ref).abs().max())
-    print(f"ddim {prediction_type} N={steps}: max |diff| {err:.3g} (max |x| {scale:.3g})")
+    print(f"ddim {source} {prediction_type} N={steps}: max |diff| {err:.3g} (max |x| {scale:.3g})")
     assert torch.isfinite(ours).all()
     assert err <= 2e-5 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("source", ["ddpm", "ddim, set_alpha_to_one=False",
+                                    "zero terminal SNR", "sigmoid betas"])
+def test_export_scheduler_reproduces_the_schedule(trained, source):
+    from fastdiff.integrations.diffusers import export_scheduler
+
+    unet, ddpm = trained
+    if source == "sigmoid betas":  # a DDPM-only beta schedule: exported as trained_betas
+        src = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="sigmoid")
+    else:
+        src, _ = source_scheduler(ddpm, source, "v_prediction")
+    teacher = from_diffusers(unet, src)
+    out = export_scheduler(teacher)
+    assert out.config.timestep_spacing == "trailing" and not out.config.clip_sample
+    table = teacher.schedule.alphas_cumprod
+    err = float((out.alphas_cumprod.double() - table).abs().max())
+    assert err == 0.0 or (source == "sigmoid betas" and err < 1e-6)
+    assert float(out.final_alpha_cumprod) == teacher.schedule.final_alpha_cumprod
 
 
 def test_teacher_is_a_v_model(trained, digits):
