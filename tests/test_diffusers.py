@@ -330,6 +330,9 @@ BROKEN = {
     "scheduler of another size": (
         lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", num_train_timesteps=500),
         "num_train_timesteps 1000 disagrees"),
+    "scheduler config of a model": (
+        lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", _class_name="UNet2DModel"),
+        "'UNet2DModel' is not a diffusers scheduler"),
     "prediction types disagree": (
         lambda f: _edit_json(f / "scheduler" / "scheduler_config.json",
                              prediction_type="v_prediction"), "prediction_type 'epsilon'"),

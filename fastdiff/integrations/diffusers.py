@@ -200,8 +200,8 @@ def _scheduler_and_config(scheduler_or_config, where: str):
         config = dict(scheduler_or_config)
         name = config.get("_class_name", "DDPMScheduler")
         cls = getattr(diffusers, name, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ValueError(f"{where}: unknown scheduler class {name!r}")
+        if not str(name).endswith("Scheduler") or not hasattr(cls, "from_config"):
+            raise ValueError(f"{where}: _class_name {name!r} is not a diffusers scheduler")
         try:
             scheduler = cls.from_config(config)
         except Exception as e:  # diffusers raises many kinds on bad configs
