@@ -329,7 +329,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         with phase("ema"):
             ema.update(student)
         k += 1
-        history.loss.append(float(loss))
+        history.loss.append(float(loss.detach()))
         bar.update(batch.z_t.shape[0], loss=history.loss[-1])
         if k % eval_every == 0 or k == updates:
             with phase("eval"):

@@ -53,7 +53,8 @@ class Schedule:
 
     @property
     def config(self) -> dict:
-        return {"name": self.name, **(asdict(self) if hasattr(self, "__dataclass_fields__") else {})}
+        fields = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+        return {"name": self.name, **fields}
 
     def __call__(self, t):
         return self.phi(t)

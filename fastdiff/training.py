@@ -189,7 +189,7 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
             sched.step()
         with phase("ema"):
             ema.update(model)
-        history.loss.append(float(loss))
+        history.loss.append(float(loss.detach()))
         bar.update(x.shape[0], loss=history.loss[-1])
     bar.close()
     history.wall_time = time.perf_counter() - t0

@@ -1,0 +1,307 @@
+"""The `fastdiff` command line: train-teacher, distill, sample, eval, demo, profile, compare.
+
+Errors in what the user asked for are printed as one line (`fastdiff: error: …`, exit 2),
+not as a traceback; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, KeyError)
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
+    return values
+
+
+def _load_model(path):
+    from fastdiff.checkpoint import load
+
+    return load(path)
+
+
+def _is_digits(dataset) -> bool:
+    return dataset.name == "digits"
+
+
+# --- train-teacher ----------------------------------------------------------------------------
+
+
+def cmd_train_teacher(args) -> None:
+    import torch
+
+    from fastdiff.checkpoint import save
+    from fastdiff.data import load_dataset
+    from fastdiff.models import UNet, default_model_for
+    from fastdiff.training import train_teacher
+
+    data = load_dataset(args.data, seed=args.seed)
+    torch.manual_seed(args.seed)
+    if data.is_image and args.channels:
+        c, h, _ = data.shape
+        model = UNet(in_channels=c, image_size=h, channels=args.channels,
+                     num_classes=data.num_classes)
+    else:
+        model = default_model_for(data.shape, num_classes=data.num_classes)
+    teacher = train_teacher(model, data, updates=args.updates, batch_size=args.batch_size,
+                            lr=args.lr, label_dropout=args.label_dropout, seed=args.seed,
+                            compile=args.compile, progress=not args.quiet)
+    h = teacher.train_history
+    save(teacher, args.out, metadata={"data": args.data, "updates": args.updates,
+                                      "train_seconds": h.wall_time})
+    print(f"teacher saved to {args.out} ({h.wall_time:.0f} s, {h.samples_per_s:.0f} samples/s, "
+          f"final loss {h.loss[-1]:.4f})")
+
+
+# --- distill ------------------------------------------------------------------------------------
+
+
+def cmd_distill(args) -> None:
+    from fastdiff.checkpoint import save
+    from fastdiff.data import load_dataset
+    from fastdiff.pd import progressive_distill
+
+    teacher = _load_model(args.teacher)
+    data = load_dataset(args.data, seed=args.seed)
+    out = Path(args.out)
+    if args.guided:
+        from fastdiff.guided import distill_guided_cli
+
+        distill_guided_cli(teacher, data, args)
+        return
+
+    def on_round(result):
+        h = result.history
+        print(f"round {result.teacher_steps} -> {result.steps} steps: {h.updates_done} updates, "
+              f"{h.wall_time:.0f} s, held-out mismatch {h.initial_mismatch:.4g} -> "
+              f"{(h.heldout_mismatch or [float('nan')])[-1]:.4g}, ended by {h.stopped_by}")
+
+    results = progressive_distill(
+        teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
+        updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
+        tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
+        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
+        seed=args.seed, compile=args.compile, progress=not args.quiet, on_round=on_round)
+    final = results[-1]
+    save(final.student, out / "student", metadata={"steps": final.steps})
+    print(f"student for {final.steps} step(s) saved to {out / 'student'}")
+
+
+# --- sample ------------------------------------------------------------------------------------
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from fastdiff.report import save_grid, save_scatter
+    from fastdiff.samplers import sample
+
+    model = _load_model(args.model)
+    shape = _example_shape(model)
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(args.n, *shape, generator=g)
+    cond = {}
+    if getattr(model, "num_classes", 0):
+        labels = (torch.full((args.n,), args.label, dtype=torch.long) if args.label is not None
+                  else torch.arange(args.n) % model.num_classes)
+        cond = {"y": labels}
+    x = sample(model, noise, args.steps, sampler=args.sampler, cond=cond,
+               guidance=args.guidance, generator=g)
+    out = Path(args.out)
+    if len(shape) == 1:
+        save_scatter(x, out, title=f"{args.steps} steps, {args.sampler}")
+    else:
+        save_grid(x, out, nrow=10 if cond else None)
+    print(f"wrote {out}")
+
+
+def _example_shape(model):
+    cfg = getattr(model, "config", {})
+    if cfg.get("kind") == "unet":
+        return (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    if cfg.get("kind") == "mlp":
+        return (cfg["dim"],)
+    raise ValueError("cannot tell the sample shape of this model: expected a fastdiff UNet/MLP")
+
+
+# --- eval ----------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from fastdiff.data import load_dataset
+    from fastdiff.metrics import DigitsFID, energy_distance, sliced_wasserstein
+    from fastdiff.report import markdown_table
+    from fastdiff.samplers import sample
+
+    model = _load_model(args.model)
+    data = load_dataset(args.data, seed=0)
+    rows = []
+    if _is_digits(data):
+        metric = DigitsFID.load()
+        from fastdiff.demo import digits_fid
+
+        for n in args.steps:
+            rows.append([n, args.sampler, digits_fid(model, n, metric, sampler=args.sampler)[0],
+                         metric.floor])
+        print(markdown_table(["steps", "sampler", "FID-digits", "floor"], rows))
+        return
+    if data.shape != (2,):
+        raise ValueError(f"eval knows FID-digits (digits) and 2-D metrics; got {data.name!r}")
+    g = torch.Generator().manual_seed(args.seed)
+    true = data.sample_true(args.n, generator=g) if data.has_true_sampler else data.held_out
+    noise = torch.randn(args.n, 2, generator=g)
+    for n in args.steps:
+        x = sample(model, noise, n, sampler=args.sampler, generator=g)
+        rows.append([n, args.sampler, float(sliced_wasserstein(x, true)),
+                     float(energy_distance(x, true))])
+    print(markdown_table(["steps", "sampler", "sliced Wasserstein", "energy distance"], rows))
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> None:
+    if args.guided:
+        from fastdiff.guided import run_guided_demo
+
+        run_guided_demo(args.out, progress=not args.quiet)
+        return
+    from fastdiff.demo import run_demo
+
+    run_demo(args.out, start_steps=args.start_steps, updates=args.updates,
+             progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastdiff",
+        description="Distil slow diffusion models into few-step samplers "
+                    "(progressive distillation, guided distillation, SFD).")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp):
+        sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train-teacher", help="train a v-prediction teacher on a data set",
+                       description="Train a diffusion teacher (v-prediction, cosine schedule, "
+                                   "EMA, label dropout for guidance) and save it.")
+    t.add_argument("--data", default="digits",
+                   help="built-in name (digits, photo-patches, eight_gaussians, two_moons, "
+                        "checkerboard) or a path to an image folder / .npy / .npz")
+    t.add_argument("--out", required=True, help="checkpoint folder to write")
+    t.add_argument("--updates", type=int, default=6000, help="optimizer updates")
+    t.add_argument("--batch-size", type=int, default=128, help="examples per update")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    t.add_argument("--label-dropout", type=float, default=0.1,
+                   help="probability of the null label, for classifier-free guidance")
+    t.add_argument("--channels", type=int, default=0,
+                   help="UNet base width (0: the default model for the data)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    common(t)
+    t.set_defaults(func=cmd_train_teacher)
+
+    d = sub.add_parser("distill", help="progressive distillation of a teacher",
+                       description="Halve the teacher's DDIM step count round by round "
+                                   "(Salimans & Ho 2022); resumable: rerun the same command "
+                                   "after a crash.")
+    d.add_argument("--teacher", required=True, help="teacher checkpoint folder (fastdiff.save)")
+    d.add_argument("--data", default="digits", help="the data the teacher was trained on")
+    d.add_argument("--out", required=True, help="run folder (checkpoints and the student)")
+    d.add_argument("--start-steps", type=int, default=64, help="teacher steps (power of two)")
+    d.add_argument("--end-steps", type=int, default=1, help="final student steps (power of two)")
+    d.add_argument("--updates", type=int, default=800, help="most updates per round")
+    d.add_argument("--batch-size", type=int, default=128, help="examples per update")
+    d.add_argument("--lr", type=float, default=5e-4,
+                   help="AdamW learning rate, annealed linearly to 0 in each round")
+    d.add_argument("--weighting", default="snr_trunc", choices=["snr_trunc", "snr+1", "const"],
+                   help="loss weighting (DESIGN.md §2)")
+    d.add_argument("--tolerance", type=float, default=None,
+                   help="end a round early when the held-out mismatch improves by less than "
+                        "this relative amount for --patience evaluations")
+    d.add_argument("--patience", type=int, default=3, help="evaluations without improvement")
+    d.add_argument("--eval-every", type=int, default=100, help="updates between evaluations")
+    d.add_argument("--checkpoint-every", type=int, default=200,
+                   help="updates between crash-safe checkpoints")
+    d.add_argument("--compile", action="store_true", help="torch.compile the student")
+    d.add_argument("--guided", action="store_true",
+                   help="guided distillation (Meng et al.): w-conditioned student, then halving")
+    d.add_argument("--w-min", type=float, default=0.0, help="smallest guidance weight (guided)")
+    d.add_argument("--w-max", type=float, default=4.0, help="largest guidance weight (guided)")
+    common(d)
+    d.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("sample", help="write a PNG grid (images) or scatter plot (2-D)")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--steps", type=int, default=8, help="sampling steps")
+    s.add_argument("--n", type=int, default=100, help="number of samples")
+    s.add_argument("--sampler", default="ddim",
+                   choices=["ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m",
+                            "stochastic"], help="sampler")
+    s.add_argument("--label", type=int, default=None,
+                   help="class label for every sample (default: 0..9 cycling)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
+    s.add_argument("--out", default="samples.png", help="PNG to write")
+    common(s)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="quality table at several step counts")
+    e.add_argument("--model", required=True, help="checkpoint folder")
+    e.add_argument("--data", default="digits", help="data set to compare with")
+    e.add_argument("--steps", type=_steps_list, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="comma-separated step counts")
+    e.add_argument("--sampler", default="ddim", help="sampler")
+    e.add_argument("--n", type=int, default=2000, help="samples (2-D data)")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("demo", help="the whole pipeline on the digits, with a report",
+                       description="Train (or reuse) the digits teacher, distil 64 -> 1 steps, "
+                                   "write runs/demo/report.md.")
+    m.add_argument("--out", default="runs/demo", help="run folder")
+    m.add_argument("--start-steps", type=int, default=64, help="teacher steps to start from")
+    m.add_argument("--updates", type=int, default=800, help="updates per halving")
+    m.add_argument("--guided", action="store_true", help="the guided-distillation demo")
+    common(m)
+    m.set_defaults(func=cmd_demo)
+
+    for module in ("fastdiff.profile", "fastdiff.compare"):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("fastdiff: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"fastdiff: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
