@@ -87,12 +87,21 @@ class PDBatch:
     z_t: torch.Tensor
     t: torch.Tensor
     y: torch.Tensor | None
+    extra: dict = field(default_factory=dict)  # further conditions, e.g. {"w": (B,)}
+
+    @property
+    def cond(self) -> dict:
+        return self.extra if self.y is None else {"y": self.y, **self.extra}
 
 
 def draw_batch(examples, labels, student_steps: int, global_batch: int, gen, schedule,
                *, label_dropout: float, use_labels: bool, rank: int = 0, world: int = 1,
-               device=None) -> PDBatch:
-    """Draw the global batch's randomness from `gen` and keep this rank's slice."""
+               device=None, extra_cond=None) -> PDBatch:
+    """Draw the global batch's randomness from `gen` and keep this rank's slice.
+
+    extra_cond: optional `f(generator, n) -> {name: tensor (n,)}` drawing further conditions
+    for the global batch (e.g. a guidance weight w per example), passed to teacher and student.
+    """
     n = examples.shape[0]
     idx = torch.randint(0, n, (global_batch,), generator=gen)
     i = torch.randint(1, student_steps + 1, (global_batch,), generator=gen)
@@ -107,7 +116,10 @@ def draw_batch(examples, labels, student_steps: int, global_batch: int, gen, sch
     y = None
     if use_labels and labels is not None:
         y = torch.where(drop[sl], torch.full_like(labels[idx[sl]], -1), labels[idx[sl]]).to(device)
-    return PDBatch(z_t=z_t, t=t, y=y)
+    extra = {}
+    if extra_cond is not None:
+        extra = {k: v[sl].to(device) for k, v in extra_cond(gen, global_batch).items()}
+    return PDBatch(z_t=z_t, t=t, y=y, extra=extra)
 
 
 def student_times(t: torch.Tensor, student_steps: int):
@@ -120,7 +132,7 @@ def teacher_velocities(teacher, batch: PDBatch, student_steps: int, schedule: Sc
     """Two DDIM steps of the teacher from z_t: returns (v̂₁, v̂₂, φ_t, φ_t', φ_t'')."""
     t_mid, t_end = student_times(batch.t, student_steps)
     phi_t, phi_mid, phi_end = schedule.phi(batch.t), schedule.phi(t_mid), schedule.phi(t_end)
-    cond = {} if batch.y is None else {"y": batch.y}
+    cond = batch.cond
     with phase("teacher_forward"), autocast:
         v1 = teacher(batch.z_t, batch.t.float(), **cond).to(batch.z_t.dtype)
     z_mid = ddim_step(batch.z_t, v1, phi_t, phi_mid)
@@ -134,7 +146,7 @@ def pd_update(student, teacher, batch: PDBatch, student_steps: int, schedule: Sc
     """The loss of one PD update (forward only; the caller runs backward)."""
     v1, v2, phi_t, phi_mid, phi_end = teacher_velocities(teacher, batch, student_steps,
                                                          schedule, autocast)
-    cond = {} if batch.y is None else {"y": batch.y}
+    cond = batch.cond
     with phase("student_forward"), autocast:
         v_student = student(batch.z_t, batch.t.float(), **cond)
     with phase("target"):
@@ -165,7 +177,7 @@ class HeldOut:
 
     @torch.no_grad()
     def mismatch(self, model, chunk: int = 512) -> float:
-        cond = {} if self.batch.y is None else {"y": self.batch.y}
+        cond = self.batch.cond
         v = model(self.batch.z_t, self.batch.t.float(), **cond)
         return float(distill_loss(v.to(self.target.dtype), self.target, self.phi_t,
                                   weighting=self.weighting))
