@@ -162,12 +162,13 @@ class HeldOut:
     """
 
     def __init__(self, teacher, dataset, student_steps: int, schedule: Schedule, *, size: int,
-                 seed: int, weighting: str, device, use_labels: bool):
+                 seed: int, weighting: str, device, use_labels: bool, extra_cond=None):
         x, y = dataset.held_out, dataset.held_out_labels
         size = min(size, len(x))
         gen = update_generator(seed, "heldout", student_steps)
         batch = draw_batch(x[:size], None if y is None else y[:size], student_steps, size, gen,
-                           schedule, label_dropout=0.0, use_labels=use_labels, device=device)
+                           schedule, label_dropout=0.0, use_labels=use_labels, device=device,
+                           extra_cond=extra_cond)
         self.batch = batch
         self.weighting = weighting
         v1, v2, phi_t, phi_mid, phi_end = teacher_velocities(
@@ -237,7 +238,8 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
                   patience: int = 3, eval_every: int = 100, heldout_size: int = 512,
                   checkpoint_dir=None, checkpoint_every: int = 200, progress: bool = True,
                   device=None, student: nn.Module | None = None, rank: int = 0,
-                  world_size: int = 1, wrap_student=None, on_eval=None) -> RoundResult:
+                  world_size: int = 1, wrap_student=None, on_eval=None,
+                  extra_cond=None) -> RoundResult:
     """One halving of progressive distillation: a student for teacher_steps / 2 DDIM steps.
 
     teacher: v-prediction model `teacher(z, t, **cond)` (frozen; never gets gradients);
@@ -256,6 +258,9 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
 
     Returns RoundResult(student = EMA weights, steps = teacher_steps // 2, teacher_steps,
     history).
+
+    extra_cond: optional `f(generator, n) -> {name: tensor (n,)}` drawing further per-example
+    conditions each update (guided distillation draws w ~ U[w_min, w_max] this way).
     """
     from fastdiff.data import as_dataset
 
@@ -306,7 +311,8 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         history.resumed_from = start
 
     heldout = HeldOut(teacher, dataset, steps, schedule, size=heldout_size, seed=seed,
-                      weighting=weighting, device=device, use_labels=use_labels)
+                      weighting=weighting, device=device, use_labels=use_labels,
+                      extra_cond=extra_cond)
     if start == 0:
         history.initial_mismatch = heldout.mismatch(student)
 
@@ -326,7 +332,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         with phase("data"):
             batch = draw_batch(examples, labels, steps, batch_size, gen, schedule,
                                label_dropout=label_dropout, use_labels=use_labels, rank=rank,
-                               world=world, device=device)
+                               world=world, device=device, extra_cond=extra_cond)
         for group in opt.param_groups:
             group["lr"] = lr * linear_lr(k, updates, warmup)
         loss = pd_update(train_model, teacher, batch, steps, schedule, weighting=weighting,
