@@ -173,7 +173,15 @@ class CondEmbedding(nn.Module):
                 idx = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
             else:
                 y = torch.as_tensor(y, device=device).long().reshape(-1).expand(batch)
-                # -1 (and any negative label) is the null class: the extra last row
+                if y.device.type == "cpu" and not torch.compiler.is_compiling():
+                    # a readable error instead of Embedding's "index out of range"; skipped
+                    # on GPU (it would sync every call) and under torch.compile
+                    if bool((y >= self.num_classes).any()) or bool((y < -1).any()):
+                        raise ValueError(
+                            f"class labels y must be in [0, {self.num_classes - 1}] or -1 "
+                            f"(null), got {sorted(set(y.tolist()))}"
+                        )
+                # -1 is the null class: the extra last row
                 idx = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
             emb = self.classes(idx)
         elif y is not None:

@@ -94,6 +94,8 @@ def test_unknown_keyword_raises_naming_it():
     z, t = torch.randn(2, 1, 8, 8), torch.rand(2)
     with pytest.raises(TypeError, match="guidance"):
         model(z, t, guidance=torch.ones(2))
+    with pytest.raises(ValueError, match="-1"):
+        _small_unet(num_classes=3)(z, t, y=torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="num_classes=0"):
         model(z, t, y=torch.zeros(2, dtype=torch.long))
 
