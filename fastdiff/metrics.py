@@ -199,7 +199,7 @@ class _TrainConfig:
     weight_decay: float = 1e-4
     width: int = 32
     max_shift: int = 1  # random translation by up to this many pixels (augmentation)
-    version: int = 1  # bump when the architecture or training changes
+    version: int = 2  # bump when the architecture or training changes
 
     def key(self, data: Dataset) -> str:
         h = hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode())
@@ -224,6 +224,18 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
 
 
 def _train_classifier(data: Dataset, cfg: _TrainConfig) -> DigitsClassifier:
+    """Trains on one CPU thread: as fast as two for a network this small, the same weights
+    whatever the machine's core count, and immune to thread oversubscription (measured
+    here on a loaded 2-core machine: 18 s on one thread, 248 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_classifier_1t(data, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_classifier_1t(data: Dataset, cfg: _TrainConfig) -> DigitsClassifier:
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
