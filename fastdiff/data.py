@@ -219,7 +219,10 @@ def _as_labels(y, n: int, what: str) -> torch.Tensor:
 
 def _split_indices(n: int, held_out: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded permutation cut into (train, held-out) index sets."""
-    n_held = int(round(held_out * n)) if isinstance(held_out, float) else int(held_out)
+    if isinstance(held_out, float):  # a fraction: at least one example when there are two
+        n_held = max(int(round(held_out * n)), int(held_out > 0 and n >= 2))
+    else:
+        n_held = int(held_out)
     if not 0 <= n_held < n:
         raise DataError(f"held_out={held_out!r} leaves no training examples out of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
