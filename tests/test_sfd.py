@@ -154,3 +154,16 @@ def test_add_steps_condition_keeps_outputs():
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         run(updates=1, **kw)
+
+
+def test_compare_subcommand_registers():
+    import argparse
+
+    from fastdiff.compare import add_parser, run_compare
+
+    parser = argparse.ArgumentParser(prog="fastdiff")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--quick", "--out", "somewhere"])
+    assert args.quick and args.out == "somewhere" and callable(args.func)
+    with pytest.raises(ValueError, match="pd_start"):
+        run_compare("unused", teacher=GaussianTeacher(), pd_start=4)
