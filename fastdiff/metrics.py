@@ -253,15 +253,6 @@ def _train_classifier_1t(data: Dataset, cfg: _TrainConfig) -> DigitsClassifier:
     return model.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class DigitsFID:
     """FID-digits: the Fréchet distance in the feature space of a digits classifier.
 
@@ -299,7 +290,7 @@ class DigitsFID:
         `cache`: a folder (None: `cache_dir()`; False: train every time, cache nothing).
         `train_options` override the classifier's training settings (seed, epochs, ...).
         """
-        from safetensors.torch import load_file, save_file
+        from fastdiff.checkpoint import load_state, save_state
 
         cfg = _TrainConfig(**train_options)
         data = load_dataset("digits", seed=0)
@@ -308,7 +299,7 @@ class DigitsFID:
         if path is not None and path.exists() and not retrain:
             model = DigitsClassifier(cfg.width)
             try:
-                model.load_state_dict(load_file(path))
+                model.load_state_dict(load_state(path)[0])
                 return cls(model, data)
             except Exception as e:  # a truncated or foreign file: say so, then retrain
                 if verbose:
@@ -323,10 +314,8 @@ class DigitsFID:
                 f"accuracy {metric.accuracy:.3f}, floor {metric.floor:.3f}"
             )
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            meta = {"config": json.dumps(cfg.__dict__), "accuracy": f"{metric.accuracy:.6f}"}
-            _atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
+            meta = {"config": cfg.__dict__, "accuracy": metric.accuracy, "seconds": seconds}
+            save_state(path, model.state_dict(), meta)  # atomic: temp file, then rename
         return metric
 
     def _check(self, x) -> torch.Tensor:
