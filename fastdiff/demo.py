@@ -28,10 +28,10 @@ from fastdiff.training import train_teacher
 class TeacherRecipe:
     """How the default digits teacher is trained (the cache key hashes these)."""
 
-    channels: int = 32
+    channels: int = 16
     channel_mults: tuple = (1, 2)
     num_res_blocks: int = 2
-    updates: int = 6000
+    updates: int = 4000
     batch_size: int = 128
     lr: float = 2e-3
     ema_decay: float = 0.999
