@@ -117,6 +117,7 @@ def fid(fid_cache):
     return DigitsFID.load(cache=fid_cache)  # trains once here (about 10 s on 2 cores)
 
 
+@pytest.mark.slow  # the module fixture trains the classifier (~10 s alone)
 def test_fid_digits_classifier_and_floor(fid):
     assert fid.accuracy > 0.97
     assert 0 < fid.floor < 6
@@ -126,6 +127,7 @@ def test_fid_digits_classifier_and_floor(fid):
     assert "not Inception FID" in rep["metric"] and rep["floor"] == fid.floor
 
 
+@pytest.mark.slow  # the module fixture trains the classifier (~10 s alone)
 def test_fid_digits_orders_worse_samples_higher(fid):
     held = fid.data.held_out
     g = torch.Generator().manual_seed(0)
@@ -141,6 +143,7 @@ def test_fid_digits_orders_worse_samples_higher(fid):
     assert fid.score(threes) > 10 * fid.floor
 
 
+@pytest.mark.slow  # the module fixture trains the classifier (~10 s alone)
 def test_fid_digits_class_accuracy(fid):
     held, labels = fid.data.held_out, fid.data.held_out_labels
     assert fid.class_accuracy(held, labels) == pytest.approx(fid.accuracy)
@@ -152,6 +155,7 @@ def test_fid_digits_class_accuracy(fid):
     assert fid.score(held[:, 0]) == pytest.approx(fid.floor)  # (N, 8, 8) is accepted
 
 
+@pytest.mark.slow  # the module fixture trains the classifier (~10 s alone)
 def test_fid_digits_cache_reload(fid, fid_cache):
     files = list(fid_cache.glob("fid_digits_*.safetensors"))
     assert len(files) == 1 and fid.train_seconds is not None
