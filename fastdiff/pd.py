@@ -309,6 +309,10 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         start, history = _load_round_state(state_path, student=student, ema=ema, opt=opt,
                                            fingerprint=fingerprint)
         history.resumed_from = start
+    if world_size > 1:  # every rank must resume from the same update (shared checkpoint_dir)
+        from fastdiff.distributed import check_same
+
+        check_same(start, f"the update to resume round {teacher_steps} from")
 
     heldout = HeldOut(teacher, dataset, steps, schedule, size=heldout_size, seed=seed,
                       weighting=weighting, device=device, use_labels=use_labels,
@@ -347,11 +351,11 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         with phase("ema"):
             ema.update(student)
         k += 1
-        history.loss.append(float(loss.detach()))
+        history.loss.append(float(_mean_over_ranks(loss.detach(), world_size)))
         bar.update(batch.z_t.shape[0], loss=history.loss[-1])
         if k % eval_every == 0 or k == updates:
             with phase("eval"):
-                m = heldout.mismatch(ema.shadow)
+                m = float(_mean_over_ranks(heldout.mismatch(ema.shadow), world_size))
             history.eval_updates.append(k)
             history.heldout_mismatch.append(m)
             if on_eval is not None:
@@ -381,6 +385,15 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     out.schedule = schedule
     out.sample_steps = steps
     return RoundResult(student=out, steps=steps, teacher_steps=teacher_steps, history=history)
+
+
+def _mean_over_ranks(x, world_size: int):
+    """Mean over ranks (identity for one process): metrics, and the ranks' shared decisions."""
+    if world_size == 1:
+        return x
+    from fastdiff.distributed import all_reduce_mean
+
+    return all_reduce_mean(x)
 
 
 def _best_so_far(history: RoundHistory, tolerance: float):
