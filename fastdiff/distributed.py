@@ -1,0 +1,393 @@
+"""Data-parallel training on many GPUs / machines with torch.distributed (run under torchrun).
+
+The engine is PyTorch's own: a process group from torchrun's environment (NCCL on CUDA, gloo
+on CPU), the student in DistributedDataParallel, the teacher replicated and frozen (plain
+module: no DDP wrapper, no gradient buckets, it never sees a collective). fastdiff's loops
+do the rest (`fastdiff.pd.distill_round`, `progressive_distill`, `training.train_teacher`
+take `rank`, `world_size` and `wrap_student`):
+
+- every update's randomness is drawn for the GLOBAL batch from a hash of (seed, round,
+  update) and each rank keeps its slice `[rank·B/K, (rank+1)·B/K)`, so K ranks with global
+  batch B see exactly the examples, times and noise one process with batch B sees; DDP
+  averages the per-rank gradients of the per-rank mean loss, which is the gradient of the
+  global mean. Results equal a single-process run up to float summation order;
+- only rank 0 writes checkpoints and shows progress; losses and held-out metrics are
+  averaged across ranks; every rank resumes from the same checkpoint file (the checkpoint
+  folder must be on a file system every node sees) and the ranks check that they agree on
+  where they resume;
+- every collective has a timeout (`init_from_env(timeout_s=...)`): a rank that dies closes
+  its sockets, so the others fail at their next collective ("Connection closed by peer" on
+  gloo, a NCCL error); a rank that hangs makes the others fail after `timeout_s`. With
+  NCCL, `TORCH_NCCL_ASYNC_ERROR_HANDLING=3` (set here unless the user set it) lets the
+  watchdog abort the communicator and tear the process down instead of hanging in a CUDA
+  kernel. torchrun then stops the remaining workers; rerunning the same command resumes.
+
+Entry point (same flags as the `fastdiff` CLI, plus `--timeout-s`)::
+
+    torchrun --nproc-per-node=8 -m fastdiff.distributed distill --teacher T --data D --out O
+    torchrun --nproc-per-node=8 -m fastdiff.distributed train-teacher --data D --out T
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank in [0, world_size), GPU index on its node, its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool          # rank == 0: the one process that writes files and prints
+    backend: str | None    # "nccl", "gloo" or None (single process, no process group)
+
+
+def _env_int(name: str, default=None) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, *, backend: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT); a single process (rank 0 of 1, no group) when those are not set.
+
+    backend: None picks NCCL when CUDA is available, gloo otherwise. timeout_s (seconds):
+    how long any collective, and the initial rendezvous, waits for the other ranks before
+    raising; keep it above the longest stretch one rank spends alone (rank 0 writing a
+    checkpoint, a slow first torch.compile). Calling it again returns the same answer.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+    cuda = torch.cuda.is_available()
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device,
+                        dist.get_rank() == 0, dist.get_backend())
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    if world <= 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        return DistInfo(0, 1, local_rank, device, True, None)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with "
+                         "torchrun (it sets them) or set them yourself")
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl":
+        # 3 = abort the communicator and the process on a failed/timed-out collective
+        # (1 = abort, 2 = cleanup only, 0 = hang); see docs of ProcessGroupNCCL.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    return DistInfo(rank, world, local_rank, device, rank == 0, backend)
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(x):
+    """Mean over ranks of a float or a tensor (any shape; returned on x's device, x's dtype).
+
+    The identity outside a process group. Every rank must call it, in the same order.
+    """
+    if not is_distributed():
+        return x
+    is_tensor = torch.is_tensor(x)
+    t = (x.detach() if is_tensor else torch.tensor(float(x), dtype=torch.float64))
+    buf = t.to(_comm_device(), torch.float64 if not t.is_floating_point() else t.dtype,
+               copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf /= dist.get_world_size()
+    return buf.to(t.device, t.dtype) if is_tensor else float(buf)
+
+
+def check_same(value: int, what: str) -> int:
+    """Raise unless every rank passes the same integer (e.g. the update a resume starts at).
+
+    A collective: also a barrier. Returns value.
+    """
+    if not is_distributed():
+        return value
+    t = torch.tensor([value, -value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, lo = int(t[0]), -int(t[1])
+    if hi != lo:
+        raise RuntimeError(
+            f"ranks disagree on {what}: values range from {lo} to {hi} (this rank: {value}). "
+            "Every rank must see the same checkpoint folder: put it on a file system shared "
+            "by all nodes")
+    return value
+
+
+def barrier() -> None:
+    """Wait for every rank (subject to the process group's timeout). No-op without a group."""
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group (call once at the end of every rank)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def ddp_wrapper(device, *, find_unused_parameters: bool = False,
+                broadcast_buffers: bool = False, bucket_cap_mb: float = 25.0):
+    """`wrap_student` for fastdiff's loops: `module -> DistributedDataParallel(module)`.
+
+    The wrapper averages gradients across ranks during backward (bucketed all-reduce,
+    overlapped with the backward pass), so gradient clipping and the optimizer step, which
+    run after backward on the plain module, see the global gradient. At construction DDP
+    broadcasts rank 0's parameters and buffers. broadcast_buffers=False: fastdiff's models
+    have only constant buffers, so no per-forward broadcast is needed (set True for models
+    with running statistics). find_unused_parameters: set True only for a model with
+    parameters that get no gradient in some updates (it costs a graph traversal each
+    update). Only the student is wrapped; the teacher is used as a plain module.
+    """
+    device = torch.device(device)
+    if not is_distributed():
+        raise RuntimeError("ddp_wrapper needs a process group of >1 rank: call "
+                           "init_from_env() under torchrun first")
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def wrap(module: nn.Module) -> nn.Module:
+        return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                   broadcast_buffers=broadcast_buffers, bucket_cap_mb=bucket_cap_mb,
+                   find_unused_parameters=find_unused_parameters,
+                   gradient_as_bucket_view=True)
+
+    return wrap
+
+
+def fsdp_wrapper(*, min_params: int = 1_000_000, reshard_after_forward: bool = True,
+                 param_dtype: torch.dtype | None = None,
+                 reduce_dtype: torch.dtype | None = None):
+    """A sharding wrapper (FSDP2 `fully_shard`) for a model too large to replicate.
+
+    Shards every submodule with at least `min_params` parameters of its own subtree that is
+    not inside an already-sharded one (top-down: the largest blocks first is wrong for
+    memory, so children are sharded before parents), then the root. Each rank then holds
+    1/K of the parameters, gradients and AdamW state (16 bytes/param → 16/K in fp32), and
+    all-gathers one block's parameters at a time in forward and backward (reduce-scatter of
+    gradients). param_dtype/reduce_dtype: FSDP mixed precision (e.g. torch.bfloat16 /
+    torch.float32).
+
+    Limits (see the README section): the wrapped module's parameters become sharded
+    DTensors IN PLACE, so code that reads parameters as plain tensors must gather them:
+    `full_state_dict(module)` for checkpoints (a collective: call it on every rank),
+    `EMA` gathers each parameter with `full_tensor()` on every update (the EMA copy stays
+    full-size on every rank: 4 bytes/param). distill_round's rank-0-only checkpoint cannot
+    gather, so use FSDP there with checkpoint_dir=None, or save with full_state_dict.
+    """
+    if not is_distributed():
+        raise RuntimeError("fsdp_wrapper needs a process group of >1 rank: call "
+                           "init_from_env() under torchrun first")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+    def n_params(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    def wrap(module: nn.Module) -> nn.Module:
+        def visit(m: nn.Module):
+            for child in m.children():
+                visit(child)
+                if n_params(child) >= min_params:
+                    fully_shard(child, reshard_after_forward=reshard_after_forward,
+                                mp_policy=mp)
+
+        visit(module)
+        return fully_shard(module, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+
+    return wrap
+
+
+def full_state_dict(module: nn.Module, *, cpu: bool = True) -> dict:
+    """The full (unsharded) state dict of a module, FSDP-sharded or not.
+
+    A collective when the module holds DTensors (every rank must call it); every rank gets
+    the full tensors (on CPU unless cpu=False).
+    """
+    out = {}
+    for k, v in module.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().cpu() if cpu else v.detach()
+    return out
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def _say(info: DistInfo, msg: str) -> None:
+    if info.is_main:
+        print(msg, flush=True)
+
+
+def _cmd_distill(args, info: DistInfo) -> None:
+    from pathlib import Path
+
+    from fastdiff.checkpoint import load, save
+    from fastdiff.data import load_dataset
+    from fastdiff.pd import progressive_distill
+
+    if args.guided:
+        raise ValueError("guided distillation does not run under torchrun yet (its loop has "
+                         "no rank/world_size/wrap_student hooks); run it in one process")
+    teacher = load(args.teacher).to(info.device)
+    data = load_dataset(args.data, seed=args.seed)
+    out = Path(args.out)
+
+    def on_round(result):
+        h = result.history
+        _say(info, f"round {result.teacher_steps} -> {result.steps} steps: {h.updates_done} "
+                   f"updates, {h.wall_time:.0f} s, held-out mismatch {h.initial_mismatch:.4g}"
+                   f" -> {(h.heldout_mismatch or [float('nan')])[-1]:.4g}, ended by "
+                   f"{h.stopped_by} (resumed from update {h.resumed_from})")
+
+    wrap = ddp_wrapper(info.device) if info.world_size > 1 else None
+    results = progressive_distill(
+        teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
+        updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
+        tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
+        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
+        seed=args.seed, compile=args.compile, progress=not args.quiet and info.is_main,
+        on_round=on_round, device=info.device, rank=info.rank, world_size=info.world_size,
+        wrap_student=wrap)
+    final = results[-1]
+    if info.is_main:
+        save(final.student, out / "student", metadata={"steps": final.steps,
+                                                       "world_size": info.world_size})
+    _say(info, f"student for {final.steps} step(s) saved to {out / 'student'} "
+               f"({info.world_size} rank(s), global batch {args.batch_size})")
+
+
+def _cmd_train_teacher(args, info: DistInfo) -> None:
+    from fastdiff.checkpoint import save
+    from fastdiff.data import load_dataset
+    from fastdiff.models import UNet, default_model_for
+    from fastdiff.training import train_teacher
+
+    data = load_dataset(args.data, seed=args.seed)
+    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts)
+    if data.is_image and args.channels:
+        c, h, _ = data.shape
+        model = UNet(in_channels=c, image_size=h, channels=args.channels,
+                     num_classes=data.num_classes)
+    else:
+        model = default_model_for(data.shape, num_classes=data.num_classes)
+    wrap = ddp_wrapper(info.device) if info.world_size > 1 else None
+    teacher = train_teacher(model, data, updates=args.updates, batch_size=args.batch_size,
+                            lr=args.lr, label_dropout=args.label_dropout, seed=args.seed,
+                            compile=args.compile, progress=not args.quiet and info.is_main,
+                            device=info.device, rank=info.rank, world_size=info.world_size,
+                            wrap_model=wrap)
+    h = teacher.train_history
+    if info.is_main:
+        save(teacher, args.out, metadata={"data": args.data, "updates": args.updates,
+                                          "train_seconds": h.wall_time,
+                                          "world_size": info.world_size})
+    _say(info, f"teacher saved to {args.out} ({h.wall_time:.0f} s, {h.samples_per_s:.0f} "
+               f"samples/s on {info.world_size} rank(s), final loss {h.loss[-1]:.4f})")
+
+
+COMMANDS = {"distill": _cmd_distill, "train-teacher": _cmd_train_teacher}
+
+
+def main(argv=None) -> int:
+    """`python -m fastdiff.distributed [--timeout-s S] COMMAND ...` (under torchrun).
+
+    COMMAND is `distill` or `train-teacher` with the flags of the `fastdiff` CLI. Exit codes:
+    0 done, 2 a usage error, 1 a failed collective (another rank died or timed out).
+    """
+    from fastdiff.cli import USER_ERRORS, build_parser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                     help="seconds a collective waits for the other ranks before failing")
+    own, rest = pre.parse_known_args(argv)
+    parser = build_parser()
+    parser.prog = "torchrun ... -m fastdiff.distributed"
+    parser.epilog = ("commands under torchrun: distill, train-teacher; option --timeout-s S "
+                     f"(default {DEFAULT_TIMEOUT_S:.0f})")
+    args = parser.parse_args(rest)
+    if args.command not in COMMANDS:
+        parser.error(f"{args.command!r} does not run under torchrun; use one of "
+                     f"{sorted(COMMANDS)} (or the plain `fastdiff` command)")
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _env_int(
+        "LOCAL_WORLD_SIZE", 1))))
+    rank = _env_int("RANK", 0)
+    try:
+        info = init_from_env(own.timeout_s)
+        COMMANDS[args.command](args, info)
+    except KeyboardInterrupt:
+        print(f"fastdiff.distributed: rank {rank}: interrupted (rerun the same command to "
+              "resume)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"fastdiff.distributed: rank {rank}: error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, dist.DistError) as e:
+        if args.debug or not _is_comm_error(e):
+            raise
+        print(f"fastdiff.distributed: rank {rank}: error: a collective failed, so another "
+              f"rank died or stalled for more than {own.timeout_s:g} s ({_first_line(e)}). "
+              "Rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection closed", "timed out",
+                                   "connection reset", "broken pipe", "timeout"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Data-parallel distillation on 2 CPU ranks (gloo): equal to one process, one checkpoint
+writer, a killed rank takes the job down with a clear error, and a rerun resumes.
+
+The file is also the worker the tests launch: `python tests/test_distributed.py MODE ...`
+(under torchrun, or with RANK/WORLD_SIZE/MASTER_* set by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(PY).with_name("torchrun"))
+TIMEOUT_S = 15  # collective timeout used by the tests' jobs
+
+ROUND = dict(teacher_steps=8, updates=6, batch_size=64, lr=1e-3, eval_every=3,
+             checkpoint_every=2, heldout_size=256, seed=3, progress=False)
+
+
+def _teacher():
+    from fastdiff.models import MLP
+
+    torch.manual_seed(0)
+    return MLP(dim=2, hidden=32, depth=2)
+
+
+def _run_round(rank=0, world=1, wrap=None, ckpt=None):
+    from fastdiff.data import load_dataset
+    from fastdiff.pd import distill_round
+
+    data = load_dataset("eight_gaussians", seed=0)
+    return distill_round(_teacher(), data, rank=rank, world_size=world, wrap_student=wrap,
+                         checkpoint_dir=ckpt, **ROUND)
+
+
+# --- worker side -----------------------------------------------------------------------------
+
+
+def _count_checkpoint_writes(log: Path, rank: int):
+    """Patch pd's round-state writer so every call leaves a line in `log` (per rank)."""
+    import fastdiff.pd as pd
+
+    real = pd._save_round_state
+
+    def logged(path, **kw):
+        with open(log, "a") as f:
+            f.write(f"{rank} {kw['k']}\n")
+        return real(path, **kw)
+
+    pd._save_round_state = logged
+
+
+def worker_round(out: str) -> None:
+    """One distill_round on this rank; rank 0 writes the EMA student + history to `out`."""
+    from safetensors.torch import save_file
+
+    from fastdiff.distributed import cleanup, ddp_wrapper, init_from_env
+
+    torch.set_num_threads(1)
+    info = init_from_env(timeout_s=TIMEOUT_S)
+    out = Path(out)
+    _count_checkpoint_writes(out / f"writes-rank{info.rank}.txt", info.rank)
+    r = _run_round(info.rank, info.world_size, ddp_wrapper(info.device), out / "ckpt")
+    if info.is_main:
+        save_file({k: v.contiguous() for k, v in r.student.state_dict().items()},
+                  str(out / "student.safetensors"))
+        h = r.history
+        (out / "history.json").write_text(json.dumps(
+            {"loss": h.loss, "mismatch": h.heldout_mismatch, "initial": h.initial_mismatch}))
+    cleanup()
+
+
+def worker_cli(die_at: str, *argv: str) -> int:
+    """`python -m fastdiff.distributed ARGV` on this rank; rank 1 SIGKILLs itself at its
+    update `die_at` (−1: never), as a crashed GPU or OOM-killed process would die."""
+    import fastdiff.pd as pd
+    from fastdiff.distributed import main
+
+    torch.set_num_threads(1)
+    die_at = int(die_at)
+    if int(os.environ["RANK"]) == 1 and die_at >= 0:
+        real, calls = pd.pd_update, [0]
+
+        def pd_update(*a, **kw):
+            if calls[0] == die_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls[0] += 1
+            return real(*a, **kw)
+
+        pd.pd_update = pd_update
+    return main(list(argv))
+
+
+# --- test side -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def _launch_ranks(args, world=2):
+    """Start `world` ranks by hand (the env torchrun would set), without torchrun's agent,
+    so that a survivor's own reaction to a dead peer is what we observe."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([PY, __file__, *args], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
+    from safetensors.torch import load_file
+
+    cmd = [TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", __file__, "round", str(tmp_path)]
+    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    ref = _run_round()  # one process, the same global batch (64) and seed
+    got = load_file(str(tmp_path / "student.safetensors"))
+    for name, v in ref.student.state_dict().items():
+        torch.testing.assert_close(got[name], v, rtol=1e-5, atol=1e-6, msg=name)
+    h = json.loads((tmp_path / "history.json").read_text())
+    torch.testing.assert_close(torch.tensor(h["loss"]), torch.tensor(ref.history.loss),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(h["mismatch"]),
+                               torch.tensor(ref.history.heldout_mismatch), rtol=1e-5, atol=1e-7)
+    # rank 0 wrote every checkpoint (updates 2 and 4 of 6); rank 1 never called the writer
+    assert (tmp_path / "writes-rank0.txt").read_text().split("\n")[:-1] == ["0 2", "0 4"]
+    assert not (tmp_path / "writes-rank1.txt").exists()
+
+
+def test_killed_rank_stops_the_job_clearly_and_a_rerun_resumes(tmp_path):
+    from fastdiff.checkpoint import load, save
+    from fastdiff.data import load_dataset
+    from fastdiff.pd import progressive_distill
+
+    save(_teacher(), tmp_path / "teacher")
+    out = tmp_path / "run"
+    argv = ["--timeout-s", str(TIMEOUT_S), "distill", "--teacher", str(tmp_path / "teacher"),
+            "--data", "eight_gaussians", "--out", str(out), "--start-steps", "4",
+            "--end-steps", "2", "--updates", "30", "--batch-size", "32",
+            "--checkpoint-every", "10", "--eval-every", "10", "--seed", "1", "--quiet"]
+
+    # rank 1 dies at its update 24: rank 0 wrote the checkpoint of update 20, then fails
+    # in the all-reduce of update 24, which waits for rank 1
+    ranks = _launch_ranks(["cli", "24", *argv])
+    rank0, rank1 = ranks
+    t_dead = None
+    for _ in range(1200):
+        if rank1.poll() is not None:
+            t_dead = time.monotonic()
+            break
+        time.sleep(0.1)
+    assert rank1.wait() == -signal.SIGKILL
+    try:
+        rc = rank0.wait(timeout=TIMEOUT_S + 20)
+    except subprocess.TimeoutExpired:
+        rank0.kill()
+        raise AssertionError("rank 0 hung after rank 1 died") from None
+    waited = time.monotonic() - t_dead
+    err = rank0.stderr.read()
+    assert rc == 1, err[-3000:]
+    assert "rank 0: error: a collective failed" in err and "Rerun the same command" in err, err
+    assert waited < TIMEOUT_S + 10, waited
+    state = out / "checkpoints" / "round-00004-to-00002.state"
+    assert state.exists() and not (out / "student").exists()
+
+    # the same command again, both ranks alive: resumes at update 20 and finishes
+    ranks = _launch_ranks(["cli", "-1", *argv])
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "resumed from update 20" in outs[0][0], outs[0][0]
+    assert outs[1][0] == ""  # only rank 0 prints
+
+    # ...to the student one uninterrupted process trains with the same global batch
+    ref = progressive_distill(_teacher(), load_dataset("eight_gaussians", seed=1),
+                              start_steps=4, end_steps=2, updates=30, batch_size=32,
+                              lr=5e-4, eval_every=10, seed=1, progress=False)[-1].student
+    got = load(out / "student")
+    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:]
+    sys.exit({"round": worker_round, "cli": worker_cli}[mode](*rest) or 0)
