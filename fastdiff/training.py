@@ -121,11 +121,18 @@ class TeacherHistory:
     samples_per_s: float = 0.0
 
 
-def teacher_loss(model, x: torch.Tensor, y, schedule: Schedule, generator=None) -> torch.Tensor:
-    """v-MSE at t ~ U(0, 1): the "snr+1" weighting of the PD paper."""
+def teacher_loss(model, x: torch.Tensor, y, schedule: Schedule, generator=None, *,
+                 rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """v-MSE at t ~ U(0, 1): the "snr+1" weighting of the PD paper.
+
+    With world_size K, x is this rank's slice of a global batch of K·B examples: t and ε
+    are drawn for the global batch and sliced alike, so K ranks draw what one process does.
+    """
     b = x.shape[0]
-    t = torch.rand(b, generator=generator, dtype=torch.float64, device="cpu").to(x.device)
-    eps = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+    sl = slice(rank * b, (rank + 1) * b)
+    t = torch.rand(b * world_size, generator=generator, dtype=torch.float64)[sl].to(x.device)
+    eps = torch.randn((b * world_size, *x.shape[1:]), generator=generator)[sl]
+    eps = eps.to(x.device, x.dtype)
     a, s = schedule.alpha(t), schedule.sigma(t)
     z = per_sample(a, x) * x + per_sample(s, x) * eps
     v = per_sample(a, x) * eps - per_sample(s, x) * x
@@ -138,7 +145,8 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
                   weight_decay: float = 0.0, ema_decay: float = 0.999, grad_clip: float = 1.0,
                   label_dropout: float = 0.1, schedule: Schedule | None = None,
                   warmup: int = 100, autocast=None, compile: bool = False, seed: int = 0,
-                  progress: bool = True, device=None) -> nn.Module:
+                  progress: bool = True, device=None, rank: int = 0, world_size: int = 1,
+                  wrap_model=None) -> nn.Module:
     """Train a v-prediction diffusion model on `data`; returns its EMA copy (eval mode).
 
     data: a tensor (N, ...), an (examples, labels) pair, a `fastdiff.data.Dataset` or a
@@ -146,6 +154,11 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
     the null label −1 with probability `label_dropout`, so the model also learns the
     unconditional v̂ for classifier-free guidance. The returned model carries `.schedule` and
     `.train_history` (loss per update, wall time in s, samples/s).
+
+    Data parallel (under torchrun, see fastdiff.distributed): batch_size is the global batch;
+    rank r of world_size trains on its slice of every global batch (same draws as one
+    process), `wrap_model` wraps the training module (e.g. `ddp_wrapper(device)`), the
+    logged loss is averaged over ranks and only rank 0 shows progress.
     """
     from fastdiff.data import as_dataset
 
@@ -153,6 +166,10 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
         raise ValueError(f"updates and batch_size must be >= 1, got {updates}, {batch_size}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by the world size "
+                         f"({world_size}): it is the global batch")
+    per = slice(rank * (batch_size // world_size), (rank + 1) * (batch_size // world_size))
     schedule = schedule or getattr(model, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(model)
     model = model.to(device).train()
@@ -164,21 +181,22 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: linear_lr(k, updates, warmup))
     ema = EMA(model, ema_decay)
     step_fn = maybe_compile(model, compile)
+    if wrap_model is not None:  # e.g. DistributedDataParallel
+        step_fn = wrap_model(step_fn)
     history = TeacherHistory()
-    bar = Progress(updates, "teacher", progress)
+    bar = Progress(updates, "teacher", progress and rank == 0)
     t0 = time.perf_counter()
     for _ in range(updates):
         with phase("data"):
             x, y = next(batches)
-            x = x.to(device, non_blocking=True)
+            x = x[per].to(device, non_blocking=True)
             if use_labels and y is not None:
-                y = y.to(device)
                 drop = torch.rand(y.shape, generator=gen) < label_dropout
-                y = torch.where(drop.to(device), torch.full_like(y, -1), y)
+                y = torch.where(drop, torch.full_like(y, -1), y)[per].to(device)
             else:
                 y = None
         with phase("student_forward"), autocast_for(device, autocast):
-            loss = teacher_loss(step_fn, x, y, schedule, gen)
+            loss = teacher_loss(step_fn, x, y, schedule, gen, rank=rank, world_size=world_size)
         with phase("backward"):
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -189,8 +207,13 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
             sched.step()
         with phase("ema"):
             ema.update(model)
-        history.loss.append(float(loss.detach()))
-        bar.update(x.shape[0], loss=history.loss[-1])
+        loss = loss.detach()
+        if world_size > 1:
+            from fastdiff.distributed import all_reduce_mean
+
+            loss = all_reduce_mean(loss)
+        history.loss.append(float(loss))
+        bar.update(batch_size, loss=history.loss[-1])
     bar.close()
     history.wall_time = time.perf_counter() - t0
     history.samples_per_s = updates * batch_size / history.wall_time
