@@ -34,6 +34,17 @@ def _teacher():
     return MLP(dim=2, hidden=32, depth=2)
 
 
+def _train_teacher(rank=0, world=1, wrap=None):
+    from fastdiff.data import load_dataset
+    from fastdiff.models import MLP
+    from fastdiff.training import train_teacher
+
+    torch.manual_seed(1)
+    return train_teacher(MLP(dim=2, hidden=32, depth=2), load_dataset("eight_gaussians"),
+                         updates=4, batch_size=64, lr=1e-3, warmup=2, seed=5, progress=False,
+                         rank=rank, world_size=world, wrap_model=wrap)
+
+
 def _run_round(rank=0, world=1, wrap=None, ckpt=None):
     from fastdiff.data import load_dataset
     from fastdiff.pd import distill_round
@@ -61,7 +72,8 @@ def _count_checkpoint_writes(log: Path, rank: int):
 
 
 def worker_round(out: str) -> None:
-    """One distill_round on this rank; rank 0 writes the EMA student + history to `out`."""
+    """train_teacher and one distill_round on this rank; rank 0 writes the EMA weights and
+    the round's history to `out`."""
     from safetensors.torch import save_file
 
     from fastdiff.distributed import cleanup, ddp_wrapper, init_from_env
@@ -70,13 +82,16 @@ def worker_round(out: str) -> None:
     info = init_from_env(timeout_s=TIMEOUT_S)
     out = Path(out)
     _count_checkpoint_writes(out / f"writes-rank{info.rank}.txt", info.rank)
+    teacher = _train_teacher(info.rank, info.world_size, ddp_wrapper(info.device))
     r = _run_round(info.rank, info.world_size, ddp_wrapper(info.device), out / "ckpt")
     if info.is_main:
-        save_file({k: v.contiguous() for k, v in r.student.state_dict().items()},
-                  str(out / "student.safetensors"))
+        for name, model in (("student", r.student), ("teacher", teacher)):
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(out / f"{name}.safetensors"))
         h = r.history
         (out / "history.json").write_text(json.dumps(
-            {"loss": h.loss, "mismatch": h.heldout_mismatch, "initial": h.initial_mismatch}))
+            {"loss": h.loss, "mismatch": h.heldout_mismatch,
+             "teacher_loss": teacher.train_history.loss}))
     cleanup()
 
 
@@ -129,6 +144,11 @@ def _launch_ranks(args, world=2):
     return procs
 
 
+def _assert_same_weights(got: dict, ref):
+    for name, v in ref.state_dict().items():
+        torch.testing.assert_close(got[name], v, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     from safetensors.torch import load_file
 
@@ -137,11 +157,14 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
 
-    ref = _run_round()  # one process, the same global batch (64) and seed
-    got = load_file(str(tmp_path / "student.safetensors"))
-    for name, v in ref.student.state_dict().items():
-        torch.testing.assert_close(got[name], v, rtol=1e-5, atol=1e-6, msg=name)
+    # one process, the same global batch (64) and seed
     h = json.loads((tmp_path / "history.json").read_text())
+    teacher = _train_teacher()
+    _assert_same_weights(load_file(str(tmp_path / "teacher.safetensors")), teacher)
+    torch.testing.assert_close(torch.tensor(h["teacher_loss"]),
+                               torch.tensor(teacher.train_history.loss), rtol=1e-5, atol=1e-7)
+    ref = _run_round()
+    _assert_same_weights(load_file(str(tmp_path / "student.safetensors")), ref.student)
     torch.testing.assert_close(torch.tensor(h["loss"]), torch.tensor(ref.history.loss),
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(h["mismatch"]),
