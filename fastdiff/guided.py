@@ -1,0 +1,874 @@
+"""Distilling classifier-free-guided models (Meng et al., CVPR 2023).
+
+Guidance convention (DESIGN.md §2, `fastdiff.samplers.guided_model`): for a teacher trained
+with label dropout (null label −1),
+
+    v̂^w(z, c) = (1 + w) v̂(z, c) − w v̂(z, ∅)
+
+so **w = 0 is the plain conditional model** and w = −1 the unconditional one. Sampling the
+teacher with guidance costs two network passes per step (run as one batch of 2B).
+
+Stage 1 (`distill_guidance`): a copy of the teacher gains a scalar condition w (Fourier
+embedded like t, its last layer zero-initialised, so the student starts as the teacher at
+w = 0) and learns v̂_η(z, c, w) ≈ v̂^w(z, c) for w ~ U[w_min, w_max]:
+
+    x, c ~ data;  t ~ U(0, 1);  ε ~ N(0, I);  z_t = α_t x + σ_t ε;  w ~ U[w_min, w_max]
+    v_c, v_u = teacher(z_t, t, c), teacher(z_t, t, ∅)          (one 2B batch, no grad)
+    L = mean_b weight_b · mean (v̂_η(z_t, t, c, w) − ((1+w) v_c − w v_u))²
+
+with the guidance combination fused into the loss kernel (`fastdiff.kernels.guided_loss`).
+
+Stage 2 (`distill_guided_steps`): progressive distillation (`fastdiff.pd`) of the stage-1
+model with w drawn per example each update, halving the DDIM step count down to 1. The
+student samples with one pass per step: `sample(student, noise, N, cond={"y": y, "w": w})`.
+
+The stochastic N-step sampler (`stochastic_sample`, `sample(..., sampler="stochastic")`):
+from t = i/N, one deterministic DDIM step of twice the length to u = (i−2)/N, then forward
+renoising to s = (i−1)/N with fresh noise, z_s = (α_s/α_u) z_u + σ_{s|u} ξ; the last step
+(from 1/N) is a plain DDIM step to 0. Its student (`distill_stochastic`) is trained to take
+those 2/N steps: see that function for what was implemented and how it differs from the
+paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdiff.kernels import ddim_step, distill_loss, pd_target
+from fastdiff.kernels.guided_loss import guided_distill_loss
+from fastdiff.models import add_scalar_condition
+from fastdiff.pd import (
+    WEIGHTINGS,
+    RoundHistory,
+    RoundResult,
+    draw_batch,
+    progressive_distill,
+    update_generator,
+)
+from fastdiff.profiling import phase
+from fastdiff.samplers import sample
+from fastdiff.schedules import CosineSchedule, Schedule, per_sample
+from fastdiff.training import (
+    EMA,
+    Progress,
+    _unwrap,
+    autocast_for,
+    linear_lr,
+    make_optimizer,
+    maybe_compile,
+    model_device,
+)
+
+__all__ = [
+    "GuidanceHistory",
+    "GuidanceResult",
+    "w_sampler",
+    "teacher_cond_uncond",
+    "guidance_error",
+    "distill_guidance",
+    "distill_guided_steps",
+    "distill_stochastic",
+    "stochastic_target",
+    "stochastic_sample",
+    "distill_guided_cli",
+    "run_guided_demo",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_w_range(w_min, w_max) -> tuple[float, float]:
+    for name, v in (("w_min", w_min), ("w_max", w_max)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not w_min <= w_max:
+        raise ValueError(f"w_min ({w_min}) must not exceed w_max ({w_max})")
+    if w_min < -1:
+        raise ValueError(f"w_min must be >= -1 (w = -1 is the unconditional model), got {w_min}")
+    return float(w_min), float(w_max)
+
+
+def w_sampler(w_min: float, w_max: float):
+    """`f(generator, n) -> {"w": (n,) float32}` with w ~ U[w_min, w_max]: the per-update
+    extra condition of stage 2 (`fastdiff.pd.distill_round(extra_cond=...)`)."""
+    w_min, w_max = _check_w_range(w_min, w_max)
+
+    def draw(generator: torch.Generator, n: int) -> dict:
+        return {"w": w_min + (w_max - w_min) * torch.rand(n, generator=generator)}
+
+    return draw
+
+
+def _needs_labels(teacher, dataset) -> None:
+    if dataset.num_classes == 0 or dataset.train_labels is None:
+        raise ValueError("guided distillation needs class-labelled data (the guidance is "
+                         "over the class label); got an unlabelled data set")
+    if getattr(_unwrap(teacher), "num_classes", 0) == 0:
+        raise ValueError("guided distillation needs a class-conditional teacher trained with "
+                         "label dropout (num_classes > 0, null label -1)")
+
+
+@torch.no_grad()
+def teacher_cond_uncond(teacher, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                        autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's v̂(z, c) and v̂(z, ∅), as one batch of 2B (no gradient).
+
+    z: (B, ...) float; t: (B,) float in [0, 1]; y: (B,) int64 labels. Returns two tensors of
+    z's shape and dtype.
+    """
+    import contextlib
+
+    both_y = torch.cat([y, torch.full_like(y, -1)])
+    with phase("teacher_forward"), (autocast or contextlib.nullcontext()):
+        out = teacher(torch.cat([z, z]), torch.cat([t, t]).float(), y=both_y)
+    v_c, v_u = out.to(z.dtype).chunk(2)
+    return v_c, v_u
+
+
+@dataclass
+class _Draw:
+    """One stage-1 batch: z_t (B, ...), t (B,) float64, y (B,) int64, w (B,) float32."""
+
+    z_t: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor
+
+
+def _draw_stage1(examples, labels, batch: int, gen: torch.Generator, schedule: Schedule,
+                 w_min: float, w_max: float, *, label_dropout: float, device) -> _Draw:
+    """All of one update's randomness from `gen` (a pure function of seed and update index)."""
+    n = examples.shape[0]
+    idx = torch.randint(0, n, (batch,), generator=gen)
+    t = torch.rand(batch, generator=gen, dtype=torch.float64)
+    eps = torch.randn((batch, *examples.shape[1:]), generator=gen)
+    w = w_min + (w_max - w_min) * torch.rand(batch, generator=gen)
+    drop = torch.rand(batch, generator=gen) < label_dropout
+    x = examples[idx].to(device)
+    y = torch.where(drop, torch.full_like(labels[idx], -1), labels[idx]).to(device)
+    t = t.to(device)
+    z_t = per_sample(schedule.alpha(t), x) * x + per_sample(schedule.sigma(t), x) * \
+        eps.to(device=device, dtype=x.dtype)
+    return _Draw(z_t=z_t, t=t, y=y, w=w.to(device))
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+@dataclass
+class GuidanceHistory:
+    """What stage 1 cost and reached (times in seconds; errors are relative, see
+    `guidance_error`, averaged over `eval_ws`)."""
+
+    loss: list = field(default_factory=list)            # training loss per update
+    eval_updates: list = field(default_factory=list)
+    heldout_error: list = field(default_factory=list)   # EMA student, mean over eval_ws
+    initial_error: dict = field(default_factory=dict)   # the untrained copy, per w
+    final_error: dict = field(default_factory=dict)     # the returned student, per w
+    wall_time: float = 0.0
+    samples_per_s: float = 0.0
+    updates_done: int = 0
+
+
+@dataclass
+class GuidanceResult:
+    student: nn.Module          # EMA weights, eval mode; takes w as a scalar condition
+    history: GuidanceHistory
+
+
+class _HeldOutGuidance:
+    """Fixed held-out (z_t, t, y) with the teacher's v_c, v_u computed once."""
+
+    def __init__(self, teacher, dataset, schedule: Schedule, *, size: int, seed: int, device):
+        x, y = dataset.held_out, dataset.held_out_labels
+        size = min(size, len(x))
+        gen = update_generator(seed, "guided-heldout", 0)
+        d = _draw_stage1(x[:size], y[:size], size, gen, schedule, 0.0, 0.0, label_dropout=0.0,
+                         device=device)
+        self.z_t, self.t, self.y = d.z_t, d.t, d.y
+        self.v_c, self.v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y)
+
+    @torch.no_grad()
+    def errors(self, student, ws) -> dict:
+        out = {}
+        for w in ws:
+            wt = torch.full((self.z_t.shape[0],), float(w), device=self.z_t.device)
+            v_s = student(self.z_t, self.t.float(), y=self.y, w=wt).double()
+            target = (1 + w) * self.v_c.double() - w * self.v_u.double()
+            out[float(w)] = float((v_s - target).norm() / target.norm())
+        return out
+
+
+def guidance_error(student, teacher, data, ws=(0.0, 1.0, 2.0, 4.0), *, size: int = 512,
+                   seed: int = 0, schedule: Schedule | None = None) -> dict:
+    """Relative error ‖v̂_student(z_t, c, w) − v̂^w(z_t, c)‖ / ‖v̂^w(z_t, c)‖ per w.
+
+    On `size` held-out examples of `data` at t ~ U(0, 1) (fixed by `seed`), norms over the
+    whole batch; v̂^w is the teacher's two-pass guided output. Returns {w: error}.
+    """
+    from fastdiff.data import as_dataset
+
+    dataset = as_dataset(data)
+    _needs_labels(teacher, dataset)
+    schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
+    held = _HeldOutGuidance(teacher, dataset, schedule, size=size, seed=seed,
+                            device=model_device(teacher))
+    return held.errors(student, ws)
+
+
+def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
+                     updates: int = 2000, batch_size: int = 128, lr: float = 5e-4,
+                     weighting: str = "snr+1", ema_decay: float = 0.995,
+                     grad_clip: float = 1.0, warmup: int = 0, label_dropout: float = 0.0,
+                     w_scale: float = 1.0, schedule: Schedule | None = None, autocast=None,
+                     compile: bool = False, seed: int = 0, eval_every: int = 100,
+                     heldout_size: int = 512, eval_ws=(0.0, 1.0, 2.0, 4.0),
+                     progress: bool = True, device=None,
+                     student: nn.Module | None = None) -> GuidanceResult:
+    """Stage 1 of Meng et al.: one network that predicts the guided v̂^w in one pass.
+
+    Guidance convention: v̂^w(z, c) = (1 + w) v̂(z, c) − w v̂(z, ∅); w = 0 is the plain
+    conditional model, the null class is the label −1.
+
+    teacher: class-conditional v-prediction model `teacher(z, t, y=labels)` trained with label
+    dropout (frozen, no gradients); data: (examples, labels), a labelled Dataset or a data set
+    name; w_min, w_max: the guidance range, w ~ U[w_min, w_max] per example each update;
+    updates: optimizer updates; batch_size: examples per update; lr: AdamW peak learning
+    rate, annealed linearly to 0; weighting: v-space loss weight ("snr+1" = 1, the teacher's
+    own loss; "snr_trunc"; "const"); label_dropout: probability of training on the null
+    label (its target is v̂(z, ∅) for every w); w_scale: multiplies w before the Fourier
+    features; student: start from this module instead of a copy of the teacher.
+
+    The student is a deep copy of the teacher with `add_scalar_condition(student, "w")`
+    (zero-initialised, so it starts exactly as the teacher). Each update's randomness is a
+    pure function of (seed, update index). Every `eval_every` updates the EMA student's
+    relative error against v̂^w on fixed held-out z_t is recorded (mean over `eval_ws`).
+
+    Returns GuidanceResult(student = EMA weights in eval mode with `.schedule`, history).
+    """
+    from fastdiff.data import as_dataset
+
+    w_min, w_max = _check_w_range(w_min, w_max)
+    for name, value in (("updates", updates), ("batch_size", batch_size),
+                        ("eval_every", eval_every), ("heldout_size", heldout_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    if not callable(teacher):
+        raise TypeError("teacher must be a callable model(z, t, y=labels) -> v_hat")
+    dataset = as_dataset(data)
+    _needs_labels(teacher, dataset)
+    schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
+    device = torch.device(device) if device is not None else model_device(teacher)
+    teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
+    if teacher_module is not None:
+        teacher_module.eval().requires_grad_(False)
+    if student is None:
+        if teacher_module is None:
+            raise TypeError("a plain-callable teacher needs an explicit `student` module")
+        student = copy.deepcopy(teacher_module)
+    if "w" not in getattr(student, "scalar_conds", ()):
+        # the new embedding's (non-zero) first layer is drawn from `seed`, not the global
+        # RNG, so that a run is a pure function of its arguments
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            add_scalar_condition(student, "w", scale=w_scale)
+    student = student.to(device).train().requires_grad_(True)
+
+    opt = make_optimizer(student, lr)
+    ema = EMA(student, ema_decay)
+    history = GuidanceHistory()
+    held = _HeldOutGuidance(teacher, dataset, schedule, size=heldout_size, seed=seed,
+                            device=device)
+    history.initial_error = held.errors(student.eval(), eval_ws)
+    student.train()
+    train_model = maybe_compile(student, compile)
+    amp = autocast_for(device, autocast)
+    examples, labels = dataset.train, dataset.train_labels
+    bar = Progress(updates, "guidance (stage 1)", progress)
+    t0 = time.perf_counter()
+    for k in range(updates):
+        gen = update_generator(seed, "guided-stage1", k)
+        with phase("data"):
+            d = _draw_stage1(examples, labels, batch_size, gen, schedule, w_min, w_max,
+                             label_dropout=label_dropout, device=device)
+        for group in opt.param_groups:
+            group["lr"] = lr * linear_lr(k, updates, warmup)
+        v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y, amp)
+        with phase("student_forward"), amp:
+            v_s = train_model(d.z_t, d.t.float(), y=d.y, w=d.w)
+        with phase("target"):
+            loss = guided_distill_loss(v_s.to(d.z_t.dtype), v_c, v_u, d.w,
+                                       schedule.phi(d.t), weighting)
+        with phase("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        with phase("optimizer_step"):
+            opt.step()
+        with phase("ema"):
+            ema.update(student)
+        history.loss.append(float(loss.detach()))
+        bar.update(batch_size, loss=history.loss[-1])
+        if (k + 1) % eval_every == 0 or k + 1 == updates:
+            with phase("eval"):
+                errs = held.errors(ema.shadow, eval_ws)
+            history.eval_updates.append(k + 1)
+            history.heldout_error.append(sum(errs.values()) / len(errs))
+    bar.close()
+    history.wall_time = time.perf_counter() - t0
+    history.updates_done = updates
+    history.samples_per_s = updates * batch_size / max(history.wall_time, 1e-9)
+    out = ema.shadow
+    history.final_error = held.errors(out, eval_ws)
+    out.schedule = schedule
+    return GuidanceResult(student=out, history=history)
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def distill_guided_steps(stage1_student, data, *, w_min: float = 0.0, w_max: float = 4.0,
+                         start_steps: int = 64, end_steps: int = 1, updates=800,
+                         label_dropout: float = 0.0, **round_options) -> list[RoundResult]:
+    """Stage 2 of Meng et al.: progressive distillation of the w-conditioned stage-1 model.
+
+    Each update draws w ~ U[w_min, w_max] per example (from the update's RNG) and passes it to
+    teacher and student alike; otherwise this is `fastdiff.pd.progressive_distill` (halving
+    `start_steps` → `end_steps`; `updates` per round; other keywords go to `distill_round`).
+    label_dropout defaults to 0: the stage-1 model was distilled for real labels.
+    Returns the rounds' results; each `.student` samples with one pass per step:
+    `sample(student, noise, steps, cond={"y": labels, "w": w_tensor})`.
+    """
+    if "w" not in getattr(_unwrap(stage1_student), "scalar_conds", ()):
+        raise ValueError("stage1_student has no scalar condition 'w': run distill_guidance "
+                         "first (stage 1)")
+    return progressive_distill(stage1_student, data, start_steps=start_steps,
+                               end_steps=end_steps, updates=updates,
+                               label_dropout=label_dropout, extra_cond=w_sampler(w_min, w_max),
+                               **round_options)
+
+
+# --------------------------------------------------------------------------- stochastic
+
+
+def _angle(schedule: Schedule, t: float, z: torch.Tensor) -> torch.Tensor:
+    return schedule.phi(torch.full((z.shape[0],), float(t), dtype=torch.float64,
+                                   device=z.device))
+
+
+@torch.no_grad()
+def stochastic_sample(f, noise: torch.Tensor, steps: int, *, schedule: Schedule | None = None,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Meng et al.'s stochastic N-step sampler for distilled models.
+
+    f: `f(z, t) -> v̂` with the conditioning bound (t float32 (B,)); noise: z₁ (B, ...);
+    steps: N ≥ 1; generator: RNG of the fresh noise (same state → same samples).
+    On the grid t_i = i/N, from t = i/N with i ≥ 2:
+
+        z_u = rot(z_t, v̂(z_t, t), φ_u − φ_t)                u = (i − 2)/N  (DDIM, 2/N long)
+        z_s = (α_s/α_u) z_u + sqrt(σ_s² − (α_s/α_u)² σ_u²) ξ  s = (i − 1)/N, ξ ~ N(0, I)
+
+    (the VP forward process from u to s), and from t = 1/N one plain DDIM step to 0. One
+    network pass per step: returns (x₀ in noise's dtype, N). The renoising coefficients are
+    formed in float64 (α_u > 0 since u ≤ 1 − 2/N).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not torch.is_tensor(noise) or not noise.is_floating_point():
+        raise TypeError("noise must be a floating tensor of shape (B, ...)")
+    schedule = schedule or CosineSchedule()
+    z = noise
+    n = steps
+    for i in range(n, 0, -1):
+        t = i / n
+        tt = torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device)
+        v = f(z, tt)
+        phi_t = _angle(schedule, t, z)
+        if i == 1:
+            z = ddim_step(z, v, phi_t, _angle(schedule, 0.0, z))
+            break
+        u, s = (i - 2) / n, (i - 1) / n
+        z_u = ddim_step(z, v, phi_t, _angle(schedule, u, z))
+        phi_u, phi_s = (float(schedule.phi(torch.tensor(x, dtype=torch.float64))) for x in (u, s))
+        ratio = math.cos(phi_s) / math.cos(phi_u)                     # α_{s|u} = α_s / α_u
+        std = math.sqrt(max(math.sin(phi_s) ** 2 - ratio**2 * math.sin(phi_u) ** 2, 0.0))
+        xi = torch.randn(z.shape, generator=generator, dtype=torch.float32,
+                         device="cpu" if generator is None else generator.device)
+        z = (ratio * z_u.float() + std * xi.to(z.device)).to(noise.dtype)
+    return z, n
+
+
+@torch.no_grad()
+def stochastic_target(teacher, z_t: torch.Tensor, t: torch.Tensor, cond: dict, steps: int,
+                      schedule: Schedule, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The v target of the stochastic-sampler student at t = i/N (N = `steps`).
+
+    z_t: (B, ...); t: (B,) float64 on the grid i/N; cond: the teacher's keywords. For i ≥ 2
+    the student must step 2/N: ṽ combines two teacher DDIM steps t → t−1/N → t−2/N
+    (`pd_target`, DESIGN §2); for i = 1 it steps to 0 as the teacher does, ṽ = v̂(z_t, t).
+    Returns (φ_t float64 (B,), ṽ of z_t's shape).
+    """
+    import contextlib
+
+    amp = autocast or contextlib.nullcontext()
+    first = t * steps < 1.5   # i = 1
+    t_mid = torch.where(first, t, t - 1.0 / steps)
+    t_end = torch.where(first, torch.zeros_like(t), t - 2.0 / steps)
+    phi_t, phi_mid, phi_end = schedule.phi(t), schedule.phi(t_mid), schedule.phi(t_end)
+    with phase("teacher_forward"), amp:
+        v1 = teacher(z_t, t.float(), **cond).to(z_t.dtype)
+    z_mid = ddim_step(z_t, v1, phi_t, phi_mid)
+    with phase("teacher_forward"), amp:
+        v2 = teacher(z_mid, t_mid.float(), **cond).to(z_t.dtype)
+    # for i = 1, φ_mid = φ_t: Δ₁ = 0, z_mid = z_t and pd_target's ṽ reduces to v̂₂ = v̂₁
+    with phase("target"):
+        return phi_t, pd_target(z_t, v1, v2, phi_t, phi_mid, phi_end)
+
+
+def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: float = 4.0,
+                       updates: int = 400, batch_size: int = 128, lr: float = 2e-4,
+                       weighting: str = "snr_trunc", ema_decay: float = 0.995,
+                       grad_clip: float = 1.0, schedule: Schedule | None = None,
+                       autocast=None, seed: int = 0, progress: bool = True,
+                       device=None) -> RoundResult:
+    """A student for the stochastic N-step sampler (the paper's variant of stage 2).
+
+    The stochastic sampler evaluates the student at t = i/N but steps 2/N (to (i−2)/N) for
+    i ≥ 2, and 1/N (to 0) for i = 1. What is implemented: `teacher` is the deterministic
+    N-step stage-2 student (steps of 1/N), and the new student, initialised from it, learns
+
+        i ≥ 2:  ṽ = pd_target(z_t, v̂₁, v̂₂, φ_t, φ_{t−1/N}, φ_{t−2/N})  (two teacher steps)
+        i = 1:  ṽ = v̂₁                                                (the teacher's step)
+
+    with w ~ U[w_min, w_max] per example and the PD loss (`distill_loss`, `weighting`). This
+    costs what a PD round costs (two teacher passes per update). The paper's own variant
+    distils from the 2N-step model (four of its steps per 2/N); taking two steps of the N-step
+    student instead is cheaper and inherits that student's error. Returns RoundResult(student
+    = EMA weights, steps = N, teacher_steps = N, history).
+    """
+    from fastdiff.data import as_dataset
+
+    w_min, w_max = _check_w_range(w_min, w_max)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be an integer >= 2 (the stochastic sampler needs at "
+                         f"least two steps), got {steps!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    dataset = as_dataset(data)
+    _needs_labels(teacher, dataset)
+    if "w" not in getattr(_unwrap(teacher), "scalar_conds", ()):
+        raise ValueError("teacher has no scalar condition 'w': pass a stage-2 student")
+    schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
+    device = torch.device(device) if device is not None else model_device(teacher)
+    teacher_module = _unwrap(teacher)
+    teacher_module.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher_module).to(device).train().requires_grad_(True)
+    opt = make_optimizer(student, lr)
+    ema = EMA(student, ema_decay)
+    amp = autocast_for(device, autocast)
+    draw_w = w_sampler(w_min, w_max)
+    history = RoundHistory()
+    bar = Progress(updates, f"stochastic student {steps}", progress)
+    t0 = time.perf_counter()
+    n = steps
+    for k in range(updates):
+        gen = update_generator(seed, f"guided-stochastic{n}", k)
+        with phase("data"):
+            b = draw_batch(dataset.train, dataset.train_labels, n, batch_size, gen, schedule,
+                           label_dropout=0.0, use_labels=True, device=device,
+                           extra_cond=draw_w)
+        for group in opt.param_groups:
+            group["lr"] = lr * linear_lr(k, updates, 0)
+        cond = b.cond
+        phi_t, target = stochastic_target(teacher, b.z_t, b.t, cond, n, schedule, amp)
+        with phase("student_forward"), amp:
+            v_s = student(b.z_t, b.t.float(), **cond)
+        with phase("target"):
+            loss = distill_loss(v_s.to(b.z_t.dtype), target, phi_t, weighting=weighting)
+        with phase("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        with phase("optimizer_step"):
+            opt.step()
+        with phase("ema"):
+            ema.update(student)
+        history.loss.append(float(loss.detach()))
+        bar.update(batch_size, loss=history.loss[-1])
+    bar.close()
+    history.wall_time = time.perf_counter() - t0
+    history.updates_done = updates
+    history.stopped_by = "updates"
+    history.samples_per_s = updates * batch_size / max(history.wall_time, 1e-9)
+    out = ema.shadow
+    out.schedule = schedule
+    out.sample_steps = n
+    return RoundResult(student=out, steps=n, teacher_steps=n, history=history)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def distill_guided_cli(teacher, data, args) -> None:
+    """`fastdiff distill --guided`: stage 1, then stage 2 down to `--end-steps`; resumable.
+
+    Writes `<out>/stage1` (the w-conditioned one-pass model), `<out>/checkpoints/` (rounds)
+    and `<out>/student` (the final few-step student). Stage 1 trains `--updates` updates with
+    the teacher's own "snr+1" weighting; stage 2 uses `--weighting`. A rerun reloads a
+    finished stage 1 and finished rounds.
+    """
+    from fastdiff.checkpoint import CheckpointError, load, save
+
+    out = Path(args.out)
+    w_min, w_max = _check_w_range(args.w_min, args.w_max)
+    quiet = bool(getattr(args, "quiet", False))
+    stage1_path = out / "stage1"
+    stage1 = None
+    if stage1_path.exists():
+        try:
+            stage1 = load(stage1_path)
+            meta = json.loads((stage1_path / "config.json").read_text()).get("metadata", {})
+            if (meta.get("w_min"), meta.get("w_max")) != (w_min, w_max):
+                raise CheckpointError(f"it was trained for w in [{meta.get('w_min')}, "
+                                      f"{meta.get('w_max')}]")
+            print(f"stage 1: reusing {stage1_path}")
+        except (CheckpointError, OSError, ValueError) as e:
+            print(f"stage 1: retraining ({stage1_path} unusable: {e})")
+            stage1 = None
+    if stage1 is None:
+        res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max, updates=args.updates,
+                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               progress=not quiet)
+        stage1 = res.student
+        h = res.history
+        errs = ", ".join(f"w={w:g}: {h.initial_error[w]:.3g} -> {e:.3g}"
+                         for w, e in h.final_error.items())
+        print(f"stage 1: {h.updates_done} updates, {h.wall_time:.0f} s; relative error vs the "
+              f"guided teacher on held-out z_t: {errs}")
+        save(stage1, stage1_path, metadata={"w_min": w_min, "w_max": w_max,
+                                            "history": asdict(h)})
+    stage1.schedule = getattr(stage1, "schedule", None) or getattr(teacher, "schedule", None)
+
+    def on_round(result):
+        h = result.history
+        print(f"stage 2 round {result.teacher_steps} -> {result.steps} steps: "
+              f"{h.updates_done} updates, {h.wall_time:.0f} s, held-out mismatch "
+              f"{h.initial_mismatch:.4g} -> {(h.heldout_mismatch or [float('nan')])[-1]:.4g}")
+
+    options = {k: getattr(args, k) for k in ("tolerance", "patience", "eval_every",
+                                             "checkpoint_every", "compile")
+               if getattr(args, k, None) is not None}
+    results = distill_guided_steps(
+        stage1, data, w_min=w_min, w_max=w_max, start_steps=args.start_steps,
+        end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size, lr=args.lr,
+        weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
+        checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round, **options)
+    final = results[-1]
+    save(final.student, out / "student",
+         metadata={"steps": final.steps, "guided": True, "w_min": w_min, "w_max": w_max})
+    print(f"guided student for {final.steps} step(s) saved to {out / 'student'}; sample it "
+          f"with cond={{'y': labels, 'w': weights}} (one pass per step)")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _grid_batch(per_class: int = 10, seed: int = 4321, num_classes: int = 10):
+    """Noise (C·k, 1, 8, 8) and labels 0,0,…,1,1,… so a grid's rows are the digit classes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    return torch.randn(len(labels), 1, 8, 8, generator=g), labels
+
+
+def _throughput_ratio(student, teacher, noise, labels, steps: int, w: float,
+                      repeats: int = 5) -> dict:
+    """Samples/s of the one-pass student vs the two-pass guided teacher, same steps and batch,
+    timed alternately (median of `repeats`) so that machine load hits both alike."""
+    wt = torch.full((len(labels),), float(w))
+    t_s, t_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sample(student, noise, steps, cond={"y": labels, "w": wt})
+        t_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sample(teacher, noise, steps, cond={"y": labels}, guidance=float(w))
+        t_t.append(time.perf_counter() - t0)
+    med_s, med_t = sorted(t_s)[len(t_s) // 2], sorted(t_t)[len(t_t) // 2]
+    n = len(labels)
+    return {"student_samples_per_s": n / med_s, "teacher_samples_per_s": n / med_t,
+            "ratio": med_t / med_s, "steps": steps, "batch": n, "repeats": repeats}
+
+
+def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8),
+                    reference_steps: int = 64, start_steps: int = 16, w_min: float = 0.0,
+                    w_max: float = 4.0, stage1_updates: int = 600, updates: int = 400,
+                    stochastic_steps=(4,), stochastic_updates: int = 300,
+                    batch_size: int = 128, stage1_lr: float = 1e-3, lr: float = 5e-4,
+                    n_samples: int | None = None, teacher=None, teacher_recipe=None,
+                    quick: bool = False, progress: bool = True, log=print) -> Path:
+    """Guided distillation on class-conditional digits; writes `out/report.md`.
+
+    teacher: a class-conditional digits model (default: `fastdiff.demo.digits_teacher(recipe=
+    teacher_recipe)`, the cached teacher trained with label dropout 0.1). Stage 1
+    (`stage1_updates`), then stage 2 from `start_steps` DDIM steps down to 1 (`updates` per
+    round), then the stochastic-sampler student for each N in `stochastic_steps`. Every model
+    is scored with FID-digits and class accuracy (the FID classifier reads the requested
+    digit) on the same noise and labels, for each w in `ws` and N in `steps`, next to the
+    two-pass guided teacher (DDIM at the same N and at `reference_steps`). Also written: the
+    stage-1 relative error per w, the measured sampling throughput ratio (one pass vs two per
+    step), per-class sample grids, `results.json`. Finished stages are kept under
+    `out/checkpoints/` and reloaded by a rerun. `quick=True`: a tiny teacher and a few
+    updates (seconds to minutes; for tests, numbers meaningless).
+    """
+    from fastdiff.checkpoint import CheckpointError, load, save
+    from fastdiff.data import load_dataset
+    from fastdiff.demo import TeacherRecipe, digits_teacher, eval_batch
+    from fastdiff.metrics import DigitsFID
+    from fastdiff.report import markdown_table, save_grid, write_text
+
+    if quick:
+        teacher_recipe = teacher_recipe or TeacherRecipe(channels=8, num_res_blocks=1,
+                                                         updates=60, warmup=10)
+        ws, steps, reference_steps, start_steps = (0.0, 2.0), (1, 2), 4, 4
+        stage1_updates, updates, stochastic_steps, stochastic_updates = 4, 3, (2,), 3
+        batch_size, n_samples = 32, n_samples or 64
+    w_min, w_max = _check_w_range(w_min, w_max)
+    out = Path(out)
+    ckpt = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    metric = DigitsFID.load(verbose=progress)
+    if teacher is None:
+        teacher = digits_teacher(cache=(out / "cache") if quick else None,
+                                 recipe=teacher_recipe or TeacherRecipe(), progress=progress,
+                                 log=log)
+    teacher.eval()
+    schedule = getattr(teacher, "schedule", None) or CosineSchedule()
+    data = load_dataset("digits", seed=0)
+    n = n_samples or metric.n_reference
+    noise, labels = eval_batch(n)
+    grid_noise, grid_labels = _grid_batch()
+    timings = {}
+
+    def score(x):
+        return metric.score(x), metric.class_accuracy(x, labels)
+
+    def reuse(path):
+        if path.exists():
+            try:
+                m = load(path)
+                m.schedule = schedule
+                return m
+            except CheckpointError as e:
+                log(f"retraining {path.name}: {e}")
+        return None
+
+    # -- the guided teacher (2 passes per step) ------------------------------------------
+    t0 = time.perf_counter()
+    teacher_res = {}
+    for w in ws:
+        for N in sorted(set(steps) | {reference_steps}):
+            x = sample(teacher, noise, N, cond={"y": labels}, guidance=float(w))
+            teacher_res[(w, N)] = score(x)
+        log(f"teacher w={w:g}: " + ", ".join(f"{N} steps FID {teacher_res[(w, N)][0]:.3f} "
+                                             f"acc {teacher_res[(w, N)][1]:.3f}"
+                                             for N in sorted(set(steps) | {reference_steps})))
+        g = sample(teacher, grid_noise, reference_steps, cond={"y": grid_labels},
+                   guidance=float(w))
+        save_grid(g, out / f"teacher-{reference_steps}steps-w{w:g}.png", nrow=10)
+    timings["teacher_eval"] = time.perf_counter() - t0
+
+    # -- stage 1 -------------------------------------------------------------------------
+    stage1 = reuse(ckpt / "stage1")
+    if stage1 is not None:
+        meta = json.loads((ckpt / "stage1" / "config.json").read_text()).get("metadata", {})
+        s1_hist = meta.get("history", {})
+        log("stage 1: reloaded")
+    else:
+        res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max, updates=stage1_updates,
+                               batch_size=batch_size, lr=stage1_lr, eval_ws=ws,
+                               progress=progress)
+        stage1 = res.student
+        s1_hist = asdict(res.history)
+        save(stage1, ckpt / "stage1", metadata={"history": s1_hist})
+    s1_err = {float(k): v for k, v in s1_hist.get("final_error", {}).items()}
+    s1_init = {float(k): v for k, v in s1_hist.get("initial_error", {}).items()}
+    timings["stage1_train"] = s1_hist.get("wall_time", float("nan"))
+    s1_res = {}
+    for w in ws:
+        wt = torch.full((n,), float(w))
+        s1_res[w] = score(sample(stage1, noise, reference_steps, cond={"y": labels, "w": wt}))
+        log(f"stage 1 w={w:g}: rel. error {s1_err.get(w, float('nan')):.4f}, "
+            f"{reference_steps}-step FID {s1_res[w][0]:.3f} acc {s1_res[w][1]:.3f}")
+
+    # -- stage 2 -------------------------------------------------------------------------
+    students = {}
+
+    def on_round(result):
+        students[result.steps] = result.student
+        h = result.history
+        log(f"stage 2 round {result.teacher_steps}->{result.steps}: {h.wall_time:.0f} s, "
+            f"held-out mismatch {h.initial_mismatch:.4g} -> "
+            f"{(h.heldout_mismatch or [float('nan')])[-1]:.4g}")
+
+    rounds = distill_guided_steps(stage1, data, w_min=w_min, w_max=w_max,
+                                  start_steps=start_steps, end_steps=1, updates=updates,
+                                  batch_size=batch_size, lr=lr, checkpoint_dir=ckpt,
+                                  progress=progress, on_round=on_round)
+    timings["stage2_train"] = sum(r.history.wall_time for r in rounds)
+
+    # -- the stochastic-sampler students (the paper's stage-2 variant) ---------------------
+    stoch_students = {}
+    t_stoch = 0.0
+    for N in stochastic_steps:
+        if N not in students or N < 2:
+            continue
+        path = ckpt / f"stochastic-{N:05d}"
+        m = reuse(path)
+        if m is None:
+            r = distill_stochastic(students[N], data, steps=N, w_min=w_min, w_max=w_max,
+                                   updates=stochastic_updates, batch_size=batch_size, lr=lr,
+                                   progress=progress)
+            m = r.student
+            t_stoch += r.history.wall_time
+            save(m, path, metadata={"steps": N, "history": asdict(r.history)})
+        stoch_students[N] = m
+    timings["stochastic_train"] = t_stoch
+
+    # -- score the students ------------------------------------------------------------------
+    det, sto, sto_t = {}, {}, {}
+    for w in ws:
+        wt = torch.full((n,), float(w))
+        cond = {"y": labels, "w": wt}
+        for N in steps:
+            if N not in students:
+                continue
+            det[(w, N)] = score(sample(students[N], noise, N, cond=cond))
+            gen = torch.Generator().manual_seed(99)
+            if N >= 2:
+                sto[(w, N)] = score(sample(students[N], noise, N, sampler="stochastic",
+                                           cond=cond, generator=gen))
+            if N in stoch_students:
+                gen = torch.Generator().manual_seed(99)
+                sto_t[(w, N)] = score(sample(stoch_students[N], noise, N,
+                                             sampler="stochastic", cond=cond, generator=gen))
+        gw = torch.full((len(grid_labels),), float(w))
+        four = 4 if 4 in students else min(students)
+        g = sample(students[four], grid_noise, four, cond={"y": grid_labels, "w": gw})
+        save_grid(g, out / f"student-{four}steps-w{w:g}.png", nrow=10)
+        g = sample(teacher, grid_noise, four, cond={"y": grid_labels}, guidance=float(w))
+        save_grid(g, out / f"teacher-{four}steps-w{w:g}.png", nrow=10)
+
+    # -- throughput: one pass per step vs two ------------------------------------------------
+    N_t = 4 if 4 in students else min(students)
+    thr = _throughput_ratio(students[N_t], teacher, noise, labels, N_t, ws[-1],
+                            repeats=2 if quick else 5)
+
+    # -- report ---------------------------------------------------------------------------------
+    def fa(r):
+        return (None, None) if r is None else (r[0], r[1])
+
+    rows = []
+    for w in ws:
+        for N in steps:
+            rows.append([w, N, *fa(teacher_res.get((w, N))), *fa(det.get((w, N))),
+                         *fa(sto.get((w, N))), *fa(sto_t.get((w, N)))])
+        rows.append([w, f"{reference_steps} (ref.)", *fa(teacher_res[(w, reference_steps)]),
+                     *fa(s1_res[w]), None, None, None, None])
+    table = markdown_table(
+        ["w", "steps", "teacher DDIM FID (2 passes/step)", "teacher acc",
+         "student DDIM FID", "student acc", "student stochastic FID", "acc",
+         "stochastic-trained student FID", "acc"], rows)
+    s1_rows = [[w, s1_init.get(w), s1_err.get(w), teacher_res[(w, reference_steps)][0],
+                s1_res[w][0], s1_res[w][0] / teacher_res[(w, reference_steps)][0] - 1.0,
+                teacher_res[(w, reference_steps)][1], s1_res[w][1]] for w in ws]
+    s1_table = markdown_table(
+        ["w", "rel. error before", "rel. error after", f"teacher {reference_steps}-step FID",
+         f"stage-1 {reference_steps}-step FID", "relative FID change", "teacher acc",
+         "stage-1 acc"], s1_rows)
+    w_chk = 2.0 if 2.0 in ws else ws[-1]
+    four = 4 if 4 in steps else steps[-1]
+    d4, t4, t_ref = det.get((w_chk, four)), teacher_res[(w_chk, four)], \
+        teacher_res[(w_chk, reference_steps)]
+    total = time.perf_counter() - t_start
+    recipe = getattr(teacher, "config", {})
+    text = f"""# fastdiff: guided distillation (Meng et al.) on class-conditional digits
+
+Teacher: class-conditional UNet (v-prediction, cosine schedule, label dropout 0.1; config
+`{json.dumps(recipe)}`). Guidance convention v̂^w = (1+w) v̂(z,c) − w v̂(z,∅) (w = 0: plain
+conditional). Stage 1: {stage1_updates} updates, w ~ U[{w_min:g}, {w_max:g}], lr {stage1_lr};
+stage 2: progressive distillation {start_steps} → 1 steps, {updates} updates per halving, lr
+{lr}, batch {batch_size}; stochastic-sampler students for N ∈ {list(stochastic_steps)}
+({stochastic_updates} updates each, teacher = the deterministic N-step student, see
+`fastdiff.guided.distill_stochastic`).
+
+FID-digits: Fréchet distance in the features of a small digit classifier between {n} samples
+and the training split (floor, held-out vs train: {metric.floor:.3f}); not Inception FID.
+Accuracy: the fraction of samples the same classifier reads as the requested digit. Every
+model uses the same noise and labels; stochastic samplers use a fixed generator.
+
+## Stage 1: one pass predicts the guided output
+
+Relative error ‖v̂_student(w) − v̂^w‖ / ‖v̂^w‖ on held-out z_t (t ~ U(0,1)), and
+{reference_steps}-step DDIM samples of the stage-1 student (1 pass/step) vs the guided
+teacher (2 passes/step):
+
+{s1_table}
+
+## Few-step students vs the guided teacher
+
+{table}
+
+At w = {w_chk:g}, {four} steps: student FID {d4[0] if d4 else float('nan'):.3f} vs teacher DDIM
+{t4[0]:.3f} (ratio {(d4[0] / t4[0]) if d4 else float('nan'):.3f}); student class accuracy
+{d4[1] if d4 else float('nan'):.3f} vs the teacher's {t_ref[1]:.3f} at {reference_steps} steps.
+
+## Cost
+
+Sampling throughput at {thr['steps']} steps, batch {thr['batch']}, w = {ws[-1]:g} (median of
+{thr['repeats']}, timed alternately on a shared, contended 2-core CPU): distilled student
+{thr['student_samples_per_s']:.0f} samples/s (1 pass per step), guided teacher
+{thr['teacher_samples_per_s']:.0f} samples/s (2 passes per step, one batch of 2B):
+**ratio {thr['ratio']:.2f}×**.
+
+Wall time (contended CPU): teacher evaluation {timings['teacher_eval']:.0f} s, stage 1
+{timings['stage1_train']:.0f} s, stage 2 {timings['stage2_train']:.0f} s, stochastic students
+{timings['stochastic_train']:.0f} s; whole run {total:.0f} s (reloaded stages count 0 or their
+original time).
+
+Grids (rows = digits 0–9): {", ".join(f"[student {four} w={w:g}](student-{four}steps-w{w:g}.png)"
+                                     for w in ws)}; {", ".join(
+        f"[teacher {reference_steps} w={w:g}](teacher-{reference_steps}steps-w{w:g}.png)"
+        for w in ws)}; {", ".join(f"[teacher {four} w={w:g}](teacher-{four}steps-w{w:g}.png)"
+                                 for w in ws)}.
+"""
+    report = write_text(out / "report.md", text)
+
+    def keyed(d):
+        return {f"w={w:g},steps={N}": v for (w, N), v in d.items()}
+
+    (out / "results.json").write_text(json.dumps({
+        "teacher": keyed(teacher_res), "student_ddim": keyed(det),
+        "student_stochastic": keyed(sto), "stochastic_trained": keyed(sto_t),
+        "stage1": {f"w={w:g}": v for w, v in s1_res.items()},
+        "stage1_rel_error": {f"w={w:g}": v for w, v in s1_err.items()},
+        "stage1_rel_error_initial": {f"w={w:g}": v for w, v in s1_init.items()},
+        "throughput": thr, "timings": timings, "floor": metric.floor, "n_samples": n,
+        "total_seconds": total}, indent=1))
+    log(f"report: {report}")
+    return report
