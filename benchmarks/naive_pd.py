@@ -1,0 +1,85 @@
+"""The baseline: progressive distillation written the way a user would from the paper.
+
+Salimans & Ho (ICLR 2022), Algorithm 2, in plain eager PyTorch, float32, cosine schedule
+(α = cos(π t / 2), σ = sin(π t / 2)), teacher and student predicting v:
+
+    z_t   = α_t x + σ_t ε
+    x̂     = α z − σ v̂(z)                                   (v-prediction → x)
+    z_t'  = α_t' x̂(z_t)  + (σ_t'/σ_t)   (z_t  − α_t  x̂(z_t))     (DDIM, teacher)
+    z_t'' = α_t'' x̂(z_t') + (σ_t''/σ_t') (z_t' − α_t' x̂(z_t'))    (DDIM, teacher)
+    x̃     = (z_t'' − (σ_t''/σ_t) z_t) / (α_t'' − (σ_t''/σ_t) α_t)
+    L     = mean_b w(λ_t) · mean (x̃ − x̂_θ(z_t))²,   w = max(α²/σ², 1)   (truncated SNR)
+
+Every intermediate is materialised (z_t', z_t'', x̂'s, x̃), the target lives in x-space and
+the loss is a plain weighted MSE. DESIGN §2: x̃ − x̂_θ = σ_t (v̂_θ − ṽ), so this loss equals
+fastdiff's v-space ``snr_trunc`` loss (weight max(α², σ²)) on the same inputs and weights,
+up to the float32 cancellation of the textbook target (tests/test_benchmarks_smoke.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _coef(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample scalars (B,) → (B, 1, …, 1) to broadcast against `like`."""
+    return a.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine schedule in float32: α_t, σ_t for times t (B,) in [0, 1]."""
+    t = t.float()
+    return torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t)
+
+
+def noisy(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """z_t = α_t x + σ_t ε."""
+    a, s = alpha_sigma(t)
+    return _coef(a, x) * x + _coef(s, x) * eps
+
+
+def x_from_v(model, z, t, cond):
+    """x̂ = α z − σ v̂(z, t) for a v-prediction model."""
+    a, s = alpha_sigma(t)
+    return _coef(a, z) * z - _coef(s, z) * model(z, t.float(), **cond)
+
+
+def ddim(model, z, t, t_next, cond):
+    """One DDIM step t → t_next, written as in the paper."""
+    x_hat = x_from_v(model, z, t, cond)
+    a, s = alpha_sigma(t)
+    a_next, s_next = alpha_sigma(t_next)
+    return _coef(a_next, z) * x_hat + _coef(s_next / s, z) * (z - _coef(a, z) * x_hat)
+
+
+def naive_pd_loss(student, teacher, z_t, t, student_steps: int, cond=None) -> torch.Tensor:
+    """The PD loss of one batch: z_t (B, ...), t (B,) = i / N with N = student_steps."""
+    cond = cond or {}
+    t = t.float()
+    t1 = t - 0.5 / student_steps
+    t2 = t - 1.0 / student_steps
+    with torch.no_grad():
+        z1 = ddim(teacher, z_t, t, t1, cond)
+        z2 = ddim(teacher, z1, t1, t2, cond)
+        a, s = alpha_sigma(t)
+        a2, s2 = alpha_sigma(t2)
+        ratio = _coef(s2 / s, z_t)
+        x_target = (z2 - ratio * z_t) / (_coef(a2, z_t) - ratio * _coef(a, z_t))
+        weight = torch.clamp(a**2 / s**2, min=1.0)  # truncated SNR: max(SNR, 1)
+    x_student = x_from_v(student, z_t, t, cond)
+    per_sample = ((x_target - x_student) ** 2).flatten(1).mean(dim=1)
+    return (weight * per_sample).mean()
+
+
+def naive_update(student, teacher, optimizer, z_t, t, student_steps: int, cond=None,
+                 grad_clip: float = 1.0) -> torch.Tensor:
+    """One optimizer update: loss, backward, gradient clipping, step. Returns the loss."""
+    loss = naive_pd_loss(student, teacher, z_t, t, student_steps, cond)
+    optimizer.zero_grad()
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+    optimizer.step()
+    return loss
