@@ -323,6 +323,12 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     train_model = maybe_compile(student, compile)
     if wrap_student is not None:  # e.g. DistributedDataParallel
         train_model = wrap_student(train_model)
+        if any(hasattr(p, "placements") for p in student.parameters()):
+            raise NotImplementedError(
+                "wrap_student sharded the student's parameters (FSDP): distill_round builds "
+                "its optimizer, EMA and rank-0 checkpoints on full local parameters, so use a "
+                "replicating wrapper (fastdiff.distributed.ddp_wrapper); see fsdp_wrapper's "
+                "docstring for what FSDP needs")
     amp = autocast_for(device, autocast)
     world = world_size
     bar = Progress(updates, f"distill {teacher_steps}->{steps}", progress and rank == 0,
