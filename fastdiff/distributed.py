@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -184,11 +185,17 @@ def ddp_wrapper(device, *, find_unused_parameters: bool = False,
                            "init_from_env() under torchrun first")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    _DDP_ARGS = inspect.signature(DDP.__init__).parameters
+
     def wrap(module: nn.Module) -> nn.Module:
-        return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                   broadcast_buffers=broadcast_buffers, bucket_cap_mb=bucket_cap_mb,
-                   find_unused_parameters=find_unused_parameters,
-                   gradient_as_bucket_view=True)
+        kw = dict(device_ids=[device.index] if device.type == "cuda" else None,
+                  bucket_cap_mb=bucket_cap_mb, find_unused_parameters=find_unused_parameters,
+                  gradient_as_bucket_view=True)
+        if "forward_sync_buffers" in _DDP_ARGS:  # torch >= 2.13 renamed broadcast_buffers
+            kw["forward_sync_buffers"] = broadcast_buffers
+        else:
+            kw["broadcast_buffers"] = broadcast_buffers
+        return DDP(module, **kw)
 
     return wrap
 
@@ -198,20 +205,24 @@ def fsdp_wrapper(*, min_params: int = 1_000_000, reshard_after_forward: bool = T
                  reduce_dtype: torch.dtype | None = None):
     """A sharding wrapper (FSDP2 `fully_shard`) for a model too large to replicate.
 
-    Shards every submodule with at least `min_params` parameters of its own subtree that is
-    not inside an already-sharded one (top-down: the largest blocks first is wrong for
-    memory, so children are sharded before parents), then the root. Each rank then holds
+    Bottom-up, every submodule (with a forward) holding at least `min_params` parameters
+    not already in a sharded descendant becomes one FSDP unit, then the root takes the
+    rest. Each rank then holds
     1/K of the parameters, gradients and AdamW state (16 bytes/param → 16/K in fp32), and
     all-gathers one block's parameters at a time in forward and backward (reduce-scatter of
     gradients). param_dtype/reduce_dtype: FSDP mixed precision (e.g. torch.bfloat16 /
     torch.float32).
 
-    Limits (see the README section): the wrapped module's parameters become sharded
-    DTensors IN PLACE, so code that reads parameters as plain tensors must gather them:
-    `full_state_dict(module)` for checkpoints (a collective: call it on every rank),
-    `EMA` gathers each parameter with `full_tensor()` on every update (the EMA copy stays
-    full-size on every rank: 4 bytes/param). distill_round's rank-0-only checkpoint cannot
-    gather, so use FSDP there with checkpoint_dir=None, or save with full_state_dict.
+    Limits (see the README section): fully_shard replaces the module's parameters IN PLACE
+    by sharded DTensors, so (1) build the optimizer after wrapping; (2) code that reads
+    parameters as plain tensors must gather them: `full_state_dict(module)` (a collective:
+    every rank calls it) for checkpoints, `p.full_tensor()` for an EMA; (3) a sharded
+    module's forward is a collective: every rank must call it, the same number of times.
+    fastdiff's `distill_round` builds its optimizer, EMA and rank-0 checkpoints on the
+    plain student, so it refuses a sharding `wrap_student` (NotImplementedError); what it
+    does accept is an FSDP-sharded frozen TEACHER (with an explicit plain `student`), which
+    cuts the teacher's memory to 1/K (tested on gloo). Use fsdp_wrapper for the student in
+    your own loop.
     """
     if not is_distributed():
         raise RuntimeError("fsdp_wrapper needs a process group of >1 rank: call "
@@ -220,17 +231,19 @@ def fsdp_wrapper(*, min_params: int = 1_000_000, reshard_after_forward: bool = T
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
-    def n_params(m: nn.Module) -> int:
-        return sum(p.numel() for p in m.parameters())
+    def visit(m: nn.Module) -> int:
+        """Shard m's submodules bottom-up; return m's parameter count not yet sharded."""
+        left = sum(p.numel() for p in m.parameters(recurse=False))
+        for child in m.children():
+            n = visit(child)
+            has_forward = type(child).forward is not nn.Module.forward  # not a ModuleList
+            if n >= min_params and has_forward:
+                fully_shard(child, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+            else:
+                left += n
+        return left
 
     def wrap(module: nn.Module) -> nn.Module:
-        def visit(m: nn.Module):
-            for child in m.children():
-                visit(child)
-                if n_params(child) >= min_params:
-                    fully_shard(child, reshard_after_forward=reshard_after_forward,
-                                mp_policy=mp)
-
         visit(module)
         return fully_shard(module, reshard_after_forward=reshard_after_forward, mp_policy=mp)
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +46,48 @@ def _train_teacher(rank=0, world=1, wrap=None):
                          rank=rank, world_size=world, wrap_model=wrap)
 
 
-def _run_round(rank=0, world=1, wrap=None, ckpt=None):
+def _run_round(rank=0, world=1, wrap=None, ckpt=None, teacher=None, **kw):
     from fastdiff.data import load_dataset
     from fastdiff.pd import distill_round
 
     data = load_dataset("eight_gaussians", seed=0)
-    return distill_round(_teacher(), data, rank=rank, world_size=world, wrap_student=wrap,
-                         checkpoint_dir=ckpt, **ROUND)
+    return distill_round(teacher or _teacher(), data, rank=rank, world_size=world,
+                         wrap_student=wrap, checkpoint_dir=ckpt, **{**ROUND, **kw})
+
+
+def _fsdp_checks(info, ref_student):
+    """FSDP2 on gloo: a plain loop matches DDP; an FSDP-sharded frozen teacher works in
+    distill_round; a sharded student is refused with a clear error."""
+    import copy
+
+    from fastdiff.distributed import ddp_wrapper, fsdp_wrapper, full_state_dict
+
+    base, weights = _teacher(), {}
+    wrappers = {"ddp": ddp_wrapper(info.device), "fsdp": fsdp_wrapper(min_params=1000)}
+    for kind, wrapper in wrappers.items():
+        m = copy.deepcopy(base)
+        w = wrapper(m)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)  # after wrapping (FSDP's new params)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            z, t = torch.randn(64, 2, generator=g), torch.rand(64, generator=g)
+            sl = slice(info.rank * 32, (info.rank + 1) * 32)
+            opt.zero_grad()
+            (w(z[sl], t[sl]) ** 2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            opt.step()
+        weights[kind] = full_state_dict(m)
+    assert any(hasattr(p, "placements") for p in m.parameters())  # really sharded
+    for k, v in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][k], v, rtol=1e-5, atol=1e-6)
+
+    sharded_teacher = fsdp_wrapper(min_params=1000)(_teacher())
+    r = _run_round(info.rank, info.world_size, ddp_wrapper(info.device),
+                   teacher=sharded_teacher, student=_teacher())
+    for k, v in ref_student.state_dict().items():
+        torch.testing.assert_close(r.student.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="sharded the student"):
+        _run_round(info.rank, info.world_size, fsdp_wrapper(min_params=1000), updates=1)
 
 
 # --- worker side -----------------------------------------------------------------------------
@@ -84,6 +120,7 @@ def worker_round(out: str) -> None:
     _count_checkpoint_writes(out / f"writes-rank{info.rank}.txt", info.rank)
     teacher = _train_teacher(info.rank, info.world_size, ddp_wrapper(info.device))
     r = _run_round(info.rank, info.world_size, ddp_wrapper(info.device), out / "ckpt")
+    _fsdp_checks(info, r.student)
     if info.is_main:
         for name, model in (("student", r.student), ("teacher", teacher)):
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
@@ -149,6 +186,7 @@ def _assert_same_weights(got: dict, ref):
         torch.testing.assert_close(got[name], v, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # ~20-40 s on the shared 2-core box: 2-3 Python processes
 def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     from safetensors.torch import load_file
 
@@ -174,6 +212,7 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     assert not (tmp_path / "writes-rank1.txt").exists()
 
 
+@pytest.mark.slow  # ~20-40 s on the shared 2-core box: 2-3 Python processes
 def test_killed_rank_stops_the_job_clearly_and_a_rerun_resumes(tmp_path):
     from fastdiff.checkpoint import load, save
     from fastdiff.data import load_dataset
