@@ -358,7 +358,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             ema.update(student)
         k += 1
         history.loss.append(float(_mean_over_ranks(loss.detach(), world_size)))
-        bar.update(batch.z_t.shape[0], loss=history.loss[-1])
+        bar.update(batch_size, loss=history.loss[-1])  # the global batch
         if k % eval_every == 0 or k == updates:
             with phase("eval"):
                 m = float(_mean_over_ranks(heldout.mismatch(ema.shadow), world_size))
