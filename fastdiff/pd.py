@@ -312,7 +312,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     if world_size > 1:  # every rank must resume from the same update (shared checkpoint_dir)
         from fastdiff.distributed import check_same
 
-        check_same(start, f"the update to resume round {teacher_steps} from")
+        check_same((teacher_steps, start), "(the round's teacher steps, the update to resume at)")
 
     heldout = HeldOut(teacher, dataset, steps, schedule, size=heldout_size, seed=seed,
                       weighting=weighting, device=device, use_labels=use_labels,
