@@ -133,22 +133,26 @@ def all_reduce_mean(x):
     return buf.to(t.device, t.dtype) if is_tensor else float(buf)
 
 
-def check_same(value: int, what: str) -> int:
-    """Raise unless every rank passes the same integer (e.g. the update a resume starts at).
+class RankMismatchError(RuntimeError):
+    """The ranks disagree on something they must share (e.g. where to resume)."""
 
-    A collective: also a barrier. Returns value.
+
+def check_same(values, what: str):
+    """Raise unless every rank passes the same int or tuple of ints (e.g. the round and the
+    update a resume starts at). A collective: also a barrier. Returns values.
     """
     if not is_distributed():
-        return value
-    t = torch.tensor([value, -value], dtype=torch.int64, device=_comm_device())
+        return values
+    vals = [int(v) for v in (values if isinstance(values, (tuple, list)) else (values,))]
+    t = torch.tensor(vals + [-v for v in vals], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    hi, lo = int(t[0]), -int(t[1])
+    hi, lo = t[:len(vals)].tolist(), (-t[len(vals):]).tolist()
     if hi != lo:
-        raise RuntimeError(
-            f"ranks disagree on {what}: values range from {lo} to {hi} (this rank: {value}). "
+        raise RankMismatchError(
+            f"ranks disagree on {what}: values range from {lo} to {hi} (this rank: {vals}). "
             "Every rank must see the same checkpoint folder: put it on a file system shared "
             "by all nodes")
-    return value
+    return values
 
 
 def barrier() -> None:
@@ -372,7 +376,7 @@ def main(argv=None) -> int:
         print(f"fastdiff.distributed: rank {rank}: interrupted (rerun the same command to "
               "resume)", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, RankMismatchError) as e:
         if args.debug:
             raise
         print(f"fastdiff.distributed: rank {rank}: error: {e}", file=sys.stderr)

@@ -89,6 +89,12 @@ def _fsdp_checks(info, ref_student):
     with pytest.raises(NotImplementedError, match="sharded the student"):
         _run_round(info.rank, info.world_size, fsdp_wrapper(min_params=1000), updates=1)
 
+    from fastdiff.distributed import RankMismatchError, check_same
+
+    assert check_same((3, 7), "x") == (3, 7)
+    with pytest.raises(RankMismatchError, match="ranks disagree on where"):
+        check_same((3, info.rank), "where")
+
 
 # --- worker side -----------------------------------------------------------------------------
 
