@@ -4,7 +4,7 @@ The engine is PyTorch's own: a process group from torchrun's environment (NCCL o
 on CPU), the student in DistributedDataParallel, the teacher replicated and frozen (plain
 module: no DDP wrapper, no gradient buckets, it never sees a collective). fastdiff's loops
 do the rest (`fastdiff.pd.distill_round`, `progressive_distill`, `training.train_teacher`
-take `rank`, `world_size` and `wrap_student`):
+take `rank`, `world_size` and `wrap_student` (`wrap_model` in train_teacher)):
 
 - every update's randomness is drawn for the GLOBAL batch from a hash of (seed, round,
   update) and each rank keeps its slice `[rank·B/K, (rank+1)·B/K)`, so K ranks with global
