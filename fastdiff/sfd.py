@@ -11,8 +11,8 @@ each interval [t_n, t_{n+1}] of the student grid (EDM's ρ-polynomial over σ = 
     θ ← θ − η ∇L;  z_{n+1} = detach(DDIM step of z_n with v̂)
 
 so each interval is one optimizer update, the teacher follows its own (accurate) trajectory
-and the student learns to correct its own accumulated error. The loss is taken in VP
-coordinates (the paper's L1 is in EDM's VE coordinates x = z/α; the two agree at low noise).
+and the student learns to correct its own accumulated error. By default the metric is taken
+in EDM's VE coordinates x = z/α_{n+1} as in the paper (`loss_space="ve"`; "vp" takes it on z).
 
 Options: `afs` (the student's first step is analytical, `solvers.afs_x_hat`: N network calls
 over N + 1 intervals; the teacher still solves that interval), `steps_range` (SFD-v: a
@@ -139,10 +139,11 @@ def _walk(student, z, times, cond, afs):
 
 def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                 data_shape=None, num_classes: int | None = None, label_dropout: float = 0.0,
-                updates: int = 400, batch_size: int = 128, lr: float = 1e-4,
+                updates: int = 400, batch_size: int = 128, lr: float = 5e-5,
                 solver: str = "dpmpp_3m", spacing: str = "edm", sigma_max: float = 80.0,
                 sigma_min: float = 0.006, rho: float = 7.0, afs: bool = False,
-                metric: str = "l1", huber_c: float = 0.03, steps_range=None,
+                metric: str = "l1", huber_c: float = 0.03, loss_space: str = "ve",
+                steps_range=None,
                 ema_decay: float | None = None, grad_clip: float = 1.0,
                 schedule: Schedule | None = None, seed: int = 0, progress: bool = True,
                 checkpoint_dir=None, eval_every: int = 0, on_eval: Callable | None = None,
@@ -160,9 +161,12 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
     update; lr: AdamW learning rate (constant); solver: the teacher's method
     (`solvers.METHODS`); spacing/sigma_max/sigma_min/rho: the student grid
     (`solvers.sfd_grid`); afs: analytical first step; metric: "l1" (default), "l2",
-    "pseudo_huber" (with huber_c); steps_range: (lo, hi) for SFD-v (a `steps` condition is
-    added to the student with `models.add_scalar_condition` and N ~ U{lo..hi} per
-    trajectory); ema_decay: EMA of the student (None: the raw weights); eval_every/on_eval:
+    "pseudo_huber" (with huber_c); loss_space: "ve" (default, the paper's: the metric on
+    x = z/α, i.e. the VP difference divided by α at the interval's end, which up-weights the
+    high-noise intervals where the sample's layout is decided) or "vp" (on z);
+    steps_range: (lo, hi) for SFD-v (a `steps` condition is added to the student with
+    `models.add_scalar_condition` and N ~ U{lo..hi} per trajectory); ema_decay: EMA of
+    the student (None: the raw weights); eval_every/on_eval:
     `on_eval(result_so_far, update, wall_time_s)` every `eval_every` updates, its return
     value (a float) recorded in `history.eval_values`, its time excluded from the wall time;
     checkpoint_dir: the student is saved there (`fastdiff.checkpoint.save`) at the end;
@@ -181,6 +185,8 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
         raise ValueError(f"updates and batch_size must be >= 1, got {updates}, {batch_size}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if loss_space not in ("ve", "vp"):
+        raise ValueError(f"loss_space={loss_space!r} is not valid; expected 've' or 'vp'")
     if teacher_final is not None and student_steps != 1:
         raise ValueError("teacher_final (second stage) needs student_steps=1")
     if steps_range is not None:
@@ -256,8 +262,11 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
             with phase("student_forward"):
                 v = student(z_student, _model_t(times[i], z_student), **cond_s)
             with phase("target"):
-                loss = sfd_loss(v, z_student, target, phis[i], phis[i + 1], metric,
-                                huber_c=huber_c)
+                # VE space: the rotation is linear, so scaling all three inputs by 1/α_to
+                # gives the metric of (z_student − z_target)/α_to exactly.
+                k_ve = 1.0 / math.cos(phis[i + 1]) if loss_space == "ve" else 1.0
+                loss = sfd_loss(v * k_ve, z_student * k_ve, target * k_ve, phis[i],
+                                phis[i + 1], metric, huber_c=huber_c)
             with phase("backward"):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
