@@ -458,7 +458,8 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
     costs what a PD round costs (two teacher passes per update). The paper's own variant
     distils from the 2N-step model (four of its steps per 2/N); taking two steps of the N-step
     student instead is cheaper and inherits that student's error. Returns RoundResult(student
-    = EMA weights, steps = N, teacher_steps = N, history).
+    = EMA weights, steps = N, teacher_steps = N, history with the held-out mismatch before
+    and after).
     """
     from fastdiff.data import as_dataset
 
@@ -482,6 +483,22 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
     amp = autocast_for(device, autocast)
     draw_w = w_sampler(w_min, w_max)
     history = RoundHistory()
+    # a fixed held-out batch with its targets: the weighted mismatch before and after
+    gen = update_generator(seed, f"guided-stochastic-heldout{steps}", 0)
+    size = min(256, len(dataset.held_out))
+    held = draw_batch(dataset.held_out[:size], dataset.held_out_labels[:size], steps, size, gen,
+                      schedule, label_dropout=0.0, use_labels=True, device=device,
+                      extra_cond=draw_w)
+    held_phi, held_target = stochastic_target(teacher, held.z_t, held.t, held.cond, steps,
+                                              schedule)
+
+    @torch.no_grad()
+    def mismatch(model) -> float:
+        v = model(held.z_t, held.t.float(), **held.cond)
+        return float(distill_loss(v.to(held_target.dtype), held_target, held_phi,
+                                  weighting=weighting))
+
+    history.initial_mismatch = mismatch(student)
     bar = Progress(updates, f"stochastic student {steps}", progress)
     t0 = time.perf_counter()
     n = steps
@@ -516,6 +533,8 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
     history.stopped_by = "updates"
     history.samples_per_s = updates * batch_size / max(history.wall_time, 1e-9)
     out = ema.shadow
+    history.eval_updates.append(updates)
+    history.heldout_mismatch.append(mismatch(out))
     out.schedule = schedule
     out.sample_steps = n
     return RoundResult(student=out, steps=n, teacher_steps=n, history=history)
@@ -616,9 +635,9 @@ def _throughput_ratio(student, teacher, noise, labels, steps: int, w: float,
 
 def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8),
                     reference_steps: int = 64, start_steps: int = 16, w_min: float = 0.0,
-                    w_max: float = 4.0, stage1_updates: int = 600, updates: int = 400,
+                    w_max: float = 4.0, stage1_updates: int = 2000, updates: int = 400,
                     stochastic_steps=(4,), stochastic_updates: int = 300,
-                    batch_size: int = 128, stage1_lr: float = 1e-3, lr: float = 5e-4,
+                    batch_size: int = 128, stage1_lr: float = 5e-4, lr: float = 5e-4,
                     n_samples: int | None = None, teacher=None, teacher_recipe=None,
                     quick: bool = False, progress: bool = True, log=print) -> Path:
     """Guided distillation on class-conditional digits; writes `out/report.md`.
@@ -694,18 +713,27 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
     timings["teacher_eval"] = time.perf_counter() - t0
 
     # -- stage 1 -------------------------------------------------------------------------
+    settings = {"w_min": w_min, "w_max": w_max, "updates": stage1_updates, "lr": stage1_lr,
+                "batch_size": batch_size, "eval_ws": list(ws),
+                "teacher": getattr(teacher, "config", None)}
     stage1 = reuse(ckpt / "stage1")
+    meta = {}
     if stage1 is not None:
         meta = json.loads((ckpt / "stage1" / "config.json").read_text()).get("metadata", {})
+    if stage1 is not None and meta.get("settings") == json.loads(json.dumps(settings)):
         s1_hist = meta.get("history", {})
         log("stage 1: reloaded")
     else:
+        if ckpt.exists():  # later stages were distilled from another stage-1 model
+            import shutil
+
+            shutil.rmtree(ckpt)
         res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max, updates=stage1_updates,
                                batch_size=batch_size, lr=stage1_lr, eval_ws=ws,
                                progress=progress)
         stage1 = res.student
         s1_hist = asdict(res.history)
-        save(stage1, ckpt / "stage1", metadata={"history": s1_hist})
+        save(stage1, ckpt / "stage1", metadata={"history": s1_hist, "settings": settings})
     s1_err = {float(k): v for k, v in s1_hist.get("final_error", {}).items()}
     s1_init = {float(k): v for k, v in s1_hist.get("initial_error", {}).items()}
     timings["stage1_train"] = s1_hist.get("wall_time", float("nan"))
@@ -768,7 +796,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
                 sto_t[(w, N)] = score(sample(stoch_students[N], noise, N,
                                              sampler="stochastic", cond=cond, generator=gen))
         gw = torch.full((len(grid_labels),), float(w))
-        four = 4 if 4 in students else min(students)
+        four = 4 if 4 in students else max(students)
         g = sample(students[four], grid_noise, four, cond={"y": grid_labels, "w": gw})
         save_grid(g, out / f"student-{four}steps-w{w:g}.png", nrow=10)
         g = sample(teacher, grid_noise, four, cond={"y": grid_labels}, guidance=float(w))

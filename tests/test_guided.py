@@ -271,6 +271,7 @@ def test_distill_stochastic_trains_a_student_for_the_sampler(stage1, data):
     losses = r.history.loss
     assert all(math.isfinite(v) for v in losses) and losses[0] > 0
     assert sum(losses[-10:]) < sum(losses[:10])
+    assert r.history.heldout_mismatch[-1] < r.history.initial_mismatch
 
 
 # --------------------------------------------------------------------------- errors, CLI
@@ -307,3 +308,19 @@ def test_cli_runs_both_stages_and_resumes(tmp_path, data, capsys):
     assert (tmp_path / "run" / "stage1").exists()
     distill_guided_cli(toy_teacher(), data, args)
     assert "stage 1: reusing" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_guided_demo_quick_mode_writes_the_report(tmp_path):
+    import json
+
+    from fastdiff.guided import run_guided_demo
+
+    report = run_guided_demo(tmp_path / "demo", quick=True, progress=False, log=lambda *a: None)
+    text = report.read_text()
+    assert "Stage 1" in text and "ratio" in text and "stochastic" in text
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert res["throughput"]["ratio"] > 0
+    assert {"w=0,steps=1", "w=2,steps=2"} <= set(res["student_ddim"])
+    assert "w=2,steps=2" in res["stochastic_trained"]
+    assert (tmp_path / "demo" / "student-2steps-w2.png").exists()
