@@ -103,7 +103,7 @@ def run_pedantic(benchmark, fn, *, quick: bool, round_s: float = 0.05, rounds: i
     per_call = time_call(fn, repeat=2)
     iterations = max(1, min(1000, int(round_s / max(per_call, 1e-7))))
     if rounds is None:
-        rounds = 3 if quick else (5 if per_call > 0.1 else 9)
+        rounds = 3 if quick else (3 if per_call > 0.2 else 7)
     return benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
 
