@@ -178,10 +178,10 @@ def cmd_demo(args) -> None:
 
         run_guided_demo(args.out, progress=not args.quiet)
         return
-    from fastdiff.demo import run_demo
+    from fastdiff.demo import DEMO_UPDATES, run_demo
 
-    run_demo(args.out, start_steps=args.start_steps, updates=args.updates,
-             progress=not args.quiet)
+    run_demo(args.out, start_steps=args.start_steps,
+             updates=args.updates if args.updates else DEMO_UPDATES, progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write runs/demo/report.md.")
     m.add_argument("--out", default="runs/demo", help="run folder")
     m.add_argument("--start-steps", type=int, default=64, help="teacher steps to start from")
-    m.add_argument("--updates", type=int, default=800, help="updates per halving")
+    m.add_argument("--updates", type=int, default=None,
+                   help="updates per halving (default: 300, 300, 400, 600, 800, 1000 for "
+                        "64->32 ... 2->1; later rounds get more)")
     m.add_argument("--guided", action="store_true", help="the guided-distillation demo")
     common(m)
     m.set_defaults(func=cmd_demo)

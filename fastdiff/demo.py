@@ -8,6 +8,7 @@ run folder, so a second run only re-evaluates.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,10 +81,11 @@ def digits_teacher(cache: str | Path | None = None, *, recipe: TeacherRecipe = T
 
 
 def eval_batch(n: int, seed: int = 1234, num_classes: int = 10):
-    """Fixed noise (n, 1, 8, 8) and labels (n,) so every model is scored on the same draw."""
+    """Fixed noise (n, 1, 8, 8) and balanced labels 0, 1, …, 9, 0, … (n,), so every model is
+    scored on the same draw and a 10-wide grid shows one digit class per column."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 1, 8, 8, generator=g)
-    labels = torch.randint(0, num_classes, (n,), generator=g)
+    labels = torch.arange(n) % num_classes
     return noise, labels
 
 
@@ -95,11 +97,41 @@ def digits_fid(model, steps: int, metric: DigitsFID, *, sampler: str = "ddim", s
     return metric.score(x), x
 
 
-def run_demo(out: str | Path = "runs/demo", *, start_steps: int = 64, updates: int = 800,
+@dataclass
+class Scores:
+    """FID-digits averaged over noise draws, and the distance to the teacher's ODE solution."""
+
+    fid: float
+    fid_std: float
+    rmse: float  # RMS distance to the reference sample from the same noise (draw 0)
+
+
+def score_model(model, steps: int, metric: DigitsFID, reference: torch.Tensor | None, *,
+                draws: int = 2, sampler: str = "ddim") -> tuple[Scores, torch.Tensor]:
+    """Sample `draws` fixed noise sets of `metric.n_reference` images; returns scores, draw 0."""
+    fids, first = [], None
+    for d in range(draws):
+        fid, x = digits_fid(model, steps, metric, sampler=sampler, seed=1234 + d)
+        fids.append(fid)
+        first = x if first is None else first
+    rmse = float("nan") if reference is None else float((first - reference).square().mean().sqrt())
+    t = torch.tensor(fids, dtype=torch.float64)
+    std = float(t.std()) if draws > 1 else float("nan")
+    return Scores(float(t.mean()), std, rmse), first
+
+
+DEMO_UPDATES = (300, 300, 400, 600, 800, 1000)  # per halving, 64→32 … 2→1: later rounds matter
+
+
+def run_demo(out: str | Path = "runs/demo", *, start_steps: int = 64, updates=DEMO_UPDATES,
              batch_size: int = 128, lr: float = 5e-4,
-             teacher_recipe: TeacherRecipe = TeacherRecipe(),
+             teacher_recipe: TeacherRecipe = TeacherRecipe(), draws: int = 2,
              progress: bool = True, log=print) -> Path:
-    """Train/reuse the digits teacher, distil start_steps → 1, write `out/report.md`."""
+    """Train/reuse the digits teacher, distil start_steps → 1, write `out/report.md`.
+
+    updates: one number per round, or a sequence (one entry per round, the first for
+    start_steps → start_steps/2; a longer sequence is cut to the rounds run).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -108,78 +140,111 @@ def run_demo(out: str | Path = "runs/demo", *, start_steps: int = 64, updates: i
         f"floor {metric.floor:.3f} ({metric.n_reference} samples)")
     teacher = digits_teacher(recipe=teacher_recipe, progress=progress, log=log)
     data = load_dataset("digits", seed=0)
+    n_rounds = int(math.log2(start_steps))
+    if not isinstance(updates, int):
+        updates = list(updates)[-n_rounds:] if len(updates) >= n_rounds else list(updates)
 
-    teacher_steps = [2**k for k in range(0, 9)]  # 1 … 256
-    teacher_fid = {}
+    ref_steps = 256
+    reference = digits_fid(teacher, ref_steps, metric, seed=1234)[1]
+    teacher_steps = sorted({2**k for k in range(0, n_rounds + 1)} | {ref_steps})
+    teacher_scores = {}
     for n in teacher_steps:
-        teacher_fid[n], x = digits_fid(teacher, n, metric)
-        if n in (4, start_steps, 256):
+        teacher_scores[n], x = score_model(teacher, n, metric, reference, draws=draws)
+        if n in (1, 4, start_steps, ref_steps):
             save_grid(x[:100], out / f"teacher-{n:03d}-steps.png", nrow=10)
-        log(f"teacher DDIM {n:4d} steps: FID-digits {teacher_fid[n]:.3f}")
+        log(f"teacher DDIM {n:4d} steps: FID-digits {teacher_scores[n].fid:.3f} "
+            f"± {teacher_scores[n].fid_std:.3f}, RMSE to teacher-{ref_steps} "
+            f"{teacher_scores[n].rmse:.4f}")
 
-    student_fid, round_time, stopped = {}, {}, {}
+    student_scores, round_time, stopped = {}, {}, {}
 
     def on_round(result):
         s = result.steps
-        student_fid[s], x = digits_fid(result.student, s, metric)
+        student_scores[s], x = score_model(result.student, s, metric, reference, draws=draws)
         round_time[s] = result.history.wall_time
         stopped[s] = result.history.stopped_by or "updates"
         save_grid(x[:100], out / f"student-{s:03d}-steps.png", nrow=10)
-        log(f"student {s:3d} steps: FID-digits {student_fid[s]:.3f} "
-            f"(teacher DDIM {teacher_fid.get(s, float('nan')):.3f}), "
-            f"round took {round_time[s]:.0f} s")
+        log(f"student {s:3d} steps: FID-digits {student_scores[s].fid:.3f} "
+            f"(teacher DDIM {teacher_scores[s].fid:.3f}), RMSE {student_scores[s].rmse:.4f} "
+            f"(teacher DDIM {teacher_scores[s].rmse:.4f}), round took {round_time[s]:.0f} s")
 
     progressive_distill(teacher, data, start_steps=start_steps, end_steps=1, updates=updates,
                         batch_size=batch_size, lr=lr, checkpoint_dir=out / "checkpoints",
                         progress=progress, on_round=on_round)
 
+    def fmt(sc):
+        return None if sc is None else f"{sc.fid:.3f} ± {sc.fid_std:.3f}"
+
     rows = []
     for n in teacher_steps:
-        rows.append([n, teacher_fid[n], student_fid.get(n), metric.floor,
+        t_sc, s_sc = teacher_scores[n], student_scores.get(n)
+        rows.append([n, fmt(t_sc), fmt(s_sc), metric.floor, t_sc.rmse,
+                     None if s_sc is None else s_sc.rmse,
                      f"{round_time[n]:.0f}" if n in round_time else None])
-    table = markdown_table(["steps", "teacher DDIM", "distilled student", "floor (held-out)",
+    table = markdown_table(["steps", "teacher DDIM FID-digits", "student FID-digits",
+                            "floor (held-out)", f"teacher RMSE to teacher-{ref_steps}",
+                            f"student RMSE to teacher-{ref_steps}",
                             "round wall time (s)"], rows)
-    s_steps = sorted(student_fid)
-    save_curves(out / "fid_vs_steps.png",
-                {"teacher (DDIM)": (teacher_steps, [teacher_fid[n] for n in teacher_steps]),
-                 "distilled student": (s_steps, [student_fid[n] for n in s_steps])},
-                xlabel="sampling steps", ylabel="FID-digits", logx=True, logy=True,
-                hlines={"floor (held-out vs train)": metric.floor},
+    s_steps = sorted(student_scores)
+    curves = {"teacher (DDIM)": (teacher_steps, [teacher_scores[n].fid for n in teacher_steps]),
+              "distilled student": (s_steps, [student_scores[n].fid for n in s_steps])}
+    save_curves(out / "fid_vs_steps.png", curves, xlabel="sampling steps", ylabel="FID-digits",
+                logx=True, logy=True, hlines={"floor (held-out vs train)": metric.floor},
                 title="FID-digits vs steps (lower is better)")
+    save_curves(out / "rmse_vs_steps.png",
+                {"teacher (DDIM)": (teacher_steps[:-1],
+                                    [teacher_scores[n].rmse for n in teacher_steps[:-1]]),
+                 "distilled student": (s_steps, [student_scores[n].rmse for n in s_steps])},
+                xlabel="sampling steps", ylabel=f"RMS distance to teacher-{ref_steps} sample",
+                logx=True, logy=True, title="Distance to the teacher's ODE solution")
     total = time.perf_counter() - t_start
-    four = student_fid.get(4), teacher_fid[4], teacher_fid[start_steps]
+    four_s, four_t = student_scores.get(4), teacher_scores[4]
+    top = teacher_scores[start_steps]
+    summary = "" if four_s is None else (
+        f"At 4 steps: student FID-digits {four_s.fid:.3f} vs teacher DDIM {four_t.fid:.3f} "
+        f"(ratio {four_s.fid / four_t.fid:.2f}); teacher at {start_steps} steps {top.fid:.3f} "
+        f"(student-4 / teacher-{start_steps} = {four_s.fid / top.fid:.2f}). RMS distance to the "
+        f"teacher's {ref_steps}-step sample from the same noise: student {four_s.rmse:.4f} vs "
+        f"teacher DDIM {four_t.rmse:.4f} (ratio {four_s.rmse / four_t.rmse:.2f}).")
+    upd = updates if isinstance(updates, int) else ", ".join(map(str, updates))
     text = f"""# fastdiff demo: progressive distillation on digits
 
 Teacher: class-conditional UNet (v-prediction, cosine schedule) trained on scikit-learn's 8×8
 digits; distilled from {start_steps} DDIM steps down to 1 with progressive distillation
-(Salimans & Ho 2022), {updates} updates per halving, batch {batch_size}, lr {lr}.
+(Salimans & Ho 2022): updates per halving {upd}, batch {batch_size}, lr {lr}.
 
 **FID-digits** is the Fréchet distance on the features of a small CNN digit classifier
 (held-out accuracy {metric.accuracy:.3f}) between {metric.n_reference} samples and the
-training split. It is *not* Inception FID and is not comparable with published FIDs. The
-floor is the held-out split scored the same way. Samples are class-conditional (uniform
-labels, no guidance), the same noise for every model.
+training split, averaged over {draws} noise draws (± their standard deviation). It is *not*
+Inception FID and is not comparable with published FIDs. The floor is the held-out split
+scored the same way; a model that reproduces training images can score below it. Samples are
+class-conditional (uniform labels, no guidance), the same noise for every model. The RMS
+distance to the teacher's {ref_steps}-step DDIM sample from the same noise measures how well
+a few-step sampler follows the teacher's ODE (what distillation optimises).
 
 {table}
 
-At 4 steps: student {four[0]:.3f} vs teacher DDIM {four[1]:.3f}
-(ratio {four[0] / four[1]:.2f}); teacher at {start_steps} steps: {four[2]:.3f}
-(student / teacher-{start_steps} = {four[0] / four[2]:.2f}).
+{summary}
 
 ![FID-digits vs steps](fid_vs_steps.png)
 
-Sample grids (rows: 10 samples each): {", ".join(f"[student {n}](student-{n:03d}-steps.png)"
-                                                  for n in s_steps)},
-[teacher 4](teacher-004-steps.png), [teacher {start_steps}](teacher-{start_steps:03d}-steps.png),
-[teacher 256](teacher-256-steps.png).
+![RMS distance to the teacher's ODE solution](rmse_vs_steps.png)
+
+Sample grids (one digit class per column): {", ".join(f"[student {n}](student-{n:03d}-steps.png)"
+                                                      for n in s_steps)},
+[teacher 1](teacher-001-steps.png), [teacher 4](teacher-004-steps.png),
+[teacher {start_steps}](teacher-{start_steps:03d}-steps.png),
+[teacher {ref_steps}](teacher-{ref_steps:03d}-steps.png).
 
 Distillation wall time: {sum(round_time.values()):.0f} s over {len(round_time)} rounds
 (rounds reloaded from `checkpoints/` count their original time); whole demo run
 {total:.0f} s.
 """
     report = write_text(out / "report.md", text)
-    (out / "results.json").write_text(json.dumps(
-        {"teacher_fid": teacher_fid, "student_fid": student_fid, "round_time": round_time,
-         "floor": metric.floor, "stopped_by": stopped}, indent=1))
+    write_text(out / "results.json", json.dumps(
+        {"teacher": {n: asdict(v) for n, v in teacher_scores.items()},
+         "student": {n: asdict(v) for n, v in student_scores.items()},
+         "round_time": round_time, "floor": metric.floor, "stopped_by": stopped,
+         "total_seconds": total}, indent=1))
     log(f"report: {report}")
     return report
