@@ -115,8 +115,13 @@ def cmd_sample(args) -> None:
         labels = (torch.full((args.n,), args.label, dtype=torch.long) if args.label is not None
                   else torch.arange(args.n) % model.num_classes)
         cond = {"y": labels}
-    x = sample(model, noise, args.steps, sampler=args.sampler, cond=cond,
-               guidance=args.guidance, generator=g)
+    guidance = args.guidance
+    if guidance is not None and "w" in getattr(model, "scalar_conds", ()):
+        # a guidance-distilled student takes w as an input: one pass per step, not two
+        cond["w"] = torch.full((args.n,), float(guidance))
+        guidance = None
+    x = sample(model, noise, args.steps, sampler=args.sampler, cond=cond, guidance=guidance,
+               generator=g)
     out = Path(args.out)
     if len(shape) == 1:
         save_scatter(x, out, title=f"{args.steps} steps, {args.sampler}")
