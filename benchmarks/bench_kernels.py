@@ -123,7 +123,8 @@ def _cases():
                 if op in PROPOSED_OPS and not common.is_cuda() and size != "8x8":
                     extra = ("proposed", "proposed-1pass")
                 for provider in PROVIDERS + extra:
-                    marks = [pytest.mark.quick] if (op, size, dn) in QUICK else []
+                    quick = (op, size, dn) in QUICK and provider in PROVIDERS
+                    marks = [pytest.mark.quick] if quick else []
                     yield pytest.param(op, size, dn, provider, marks=marks,
                                        id=f"{op}-{size}-{dn}-{provider}")
 
