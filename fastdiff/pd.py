@@ -337,6 +337,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     k = start
     best, since_best = _best_so_far(history, tolerance or 0.0)
     stopped_by = history.stopped_by or "updates"
+    pending: list = []
     while k < updates and not history.stopped_by:
         gen = update_generator(seed, f"pd{teacher_steps}", k)
         with phase("data"):
@@ -357,8 +358,12 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         with phase("ema"):
             ema.update(student)
         k += 1
-        history.loss.append(float(_mean_over_ranks(loss.detach(), world_size)))
-        bar.update(batch_size, loss=history.loss[-1])  # the global batch
+        pending.append(loss.detach())
+        # reading a loss back syncs a GPU: do it every LOG_EVERY updates, not every update
+        if k % LOG_EVERY == 0 or k % eval_every == 0 or k % checkpoint_every == 0 \
+                or k == updates:
+            _flush_losses(pending, history.loss, world_size)
+        bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
         if k % eval_every == 0 or k == updates:
             with phase("eval"):
                 m = float(_mean_over_ranks(heldout.mismatch(ema.shadow), world_size))
@@ -381,6 +386,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             with phase("checkpoint"):
                 _save_round_state(state_path, student=student, ema=ema, opt=opt, k=k,
                                   history=history, fingerprint=fingerprint)
+    _flush_losses(pending, history.loss, world_size)
     bar.close()
     history.stopped_by = stopped_by
     history.updates_done = k
@@ -391,6 +397,16 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     out.schedule = schedule
     out.sample_steps = steps
     return RoundResult(student=out, steps=steps, teacher_steps=teacher_steps, history=history)
+
+
+LOG_EVERY = 10  # updates between loss read-backs (each one a device sync on CUDA)
+
+
+def _flush_losses(pending: list, into: list, world_size: int) -> None:
+    """Move the pending per-update losses (device scalars) into `into` as floats."""
+    if pending:
+        into.extend(_mean_over_ranks(torch.stack(pending).float(), world_size).tolist())
+        pending.clear()
 
 
 def _mean_over_ranks(x, world_size: int):

@@ -114,6 +114,22 @@ def linear_lr(step: int, total: int, warmup: int = 0) -> float:
     return max(0.0, 1.0 - step / max(total, 1))
 
 
+LOG_EVERY = 10  # updates between loss read-backs (each one a device sync on CUDA)
+
+
+def _flush(pending: list, into: list, world_size: int) -> None:
+    """Move pending per-update losses (device scalars, averaged over ranks) into `into`."""
+    if not pending:
+        return
+    losses = torch.stack(pending).float()
+    if world_size > 1:
+        from fastdiff.distributed import all_reduce_mean
+
+        losses = all_reduce_mean(losses)
+    into.extend(losses.tolist())
+    pending.clear()
+
+
 @dataclass
 class TeacherHistory:
     loss: list = field(default_factory=list)
@@ -186,6 +202,7 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
     history = TeacherHistory()
     bar = Progress(updates, "teacher", progress and rank == 0)
     t0 = time.perf_counter()
+    pending: list = []
     for _ in range(updates):
         with phase("data"):
             x, y = next(batches)
@@ -207,13 +224,11 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
             sched.step()
         with phase("ema"):
             ema.update(model)
-        loss = loss.detach()
-        if world_size > 1:
-            from fastdiff.distributed import all_reduce_mean
-
-            loss = all_reduce_mean(loss)
-        history.loss.append(float(loss))
-        bar.update(batch_size, loss=history.loss[-1])
+        pending.append(loss.detach())
+        if len(pending) == LOG_EVERY:  # a loss read-back syncs a GPU: batch them
+            _flush(pending, history.loss, world_size)
+        bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
+    _flush(pending, history.loss, world_size)
     bar.close()
     history.wall_time = time.perf_counter() - t0
     history.samples_per_s = updates * batch_size / history.wall_time

@@ -130,12 +130,14 @@ def pd_coefficients(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
     """``(c_z, c_1, c_2)`` from float64 angles, formed in float64, returned as float32.
 
     Raises ValueError where ``phi_end == phi_t`` (sin D = 0) unless ``check`` is False
-    or the call is being traced by torch.compile (a data-dependent check cannot be).
+    or the call is being traced by torch.compile (a data-dependent check cannot be). The
+    check runs only on CPU angles: on a GPU it would cost a device sync on every call.
     """
     d1 = phi_mid - phi_t
     d2 = phi_end - phi_mid
     sin_d = torch.sin(phi_end - phi_t)
-    if check and not torch.compiler.is_compiling() and bool((sin_d == 0).any()):
+    if check and sin_d.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and bool((sin_d == 0).any()):
         bad = torch.nonzero(sin_d == 0).flatten().tolist()
         raise ValueError(
             f"phi_end equals phi_t for sample(s) {bad[:8]}: a zero-length step has no "
