@@ -90,3 +90,39 @@ def row_chunks(batch: int):
 
 def blocks_per_row(n_per_sample: int) -> int:
     return max(1, -(-n_per_sample // BLOCK))
+
+
+# ---------------------------------------------------------------- compiled CPU path
+#: Below this many elements the eager torch implementation is used on CPU: a small op is
+#: bound by per-call overhead, and compiling for every new small shape would cost more than
+#: it saves. Above it, `cpu_fused` runs the same torch implementation through torch.compile
+#: (one fused loop over memory instead of one pass per elementwise op).
+CPU_COMPILE_MIN_ELEMENTS = 1 << 18
+
+_compiled: dict = {}
+_compile_failed: set = set()
+
+
+def cpu_fused(fn, tensor: torch.Tensor):
+    """`fn`, or its torch.compile'd twin for large CPU tensors (`FASTDIFF_CPU_COMPILE=0`
+    turns this off). Falls back to `fn` for good if compiling fails on this machine."""
+    if (tensor.device.type != "cpu" or tensor.numel() < CPU_COMPILE_MIN_ELEMENTS
+            or os.environ.get("FASTDIFF_CPU_COMPILE", "1") == "0"
+            or fn in _compile_failed or torch.compiler.is_compiling()):
+        return fn
+    compiled = _compiled.get(fn)
+    if compiled is None:
+        compiled = _compiled[fn] = torch.compile(fn, dynamic=None)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as error:  # a missing C++ compiler, say: the eager path still works
+            import warnings
+
+            warnings.warn(f"fastdiff: torch.compile of {fn.__name__} failed ({error!r}); "
+                          "using the eager torch path", stacklevel=2)
+            _compile_failed.add(fn)
+            return fn(*args)
+
+    return run

@@ -18,7 +18,7 @@ from ._metrics import (
     metric_torch_,
     row_scale,
 )
-from .dispatch import BLOCK, backend_for, blocks_per_row, row_chunks, tl, triton
+from .dispatch import BLOCK, backend_for, blocks_per_row, cpu_fused, row_chunks, tl, triton
 from .distill_loss import distill_loss_reference
 from .pd_target import _pd_target_torch_f32, pd_angles, pd_coefficients, pd_target_reference
 
@@ -146,7 +146,7 @@ def _(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor, cz: Tensor, c1: 
     args = (v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c)
     if backend_for(v_student) == "triton":
         return _fused_pd_loss_triton(*args)
-    return _fused_pd_loss_torch(*args)
+    return cpu_fused(_fused_pd_loss_torch, v_student)(*args)
 
 
 @_fused_pd_loss_op.register_fake
@@ -169,7 +169,7 @@ def _(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor, cz: Tensor, c1: 
     args = (v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c)
     if backend_for(v_student) == "triton":
         return _fused_pd_loss_backward_triton(*args)
-    return _fused_pd_loss_backward_torch(*args)
+    return cpu_fused(_fused_pd_loss_backward_torch, v_student)(*args)
 
 
 @_fused_pd_loss_backward_op.register_fake

@@ -48,3 +48,35 @@ def test_compile_fullgraph_matches_eager(monkeypatch):
         compiled = run(compiled_fn, inputs)
         for ours, ref in zip(compiled, eager):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_large_cpu_tensors_take_the_compiled_torch_path(monkeypatch):
+    """Above CPU_COMPILE_MIN_ELEMENTS, fused_pd_loss's torch path runs torch.compile'd; it
+    must compute what the eager path and the float64 reference compute (loss and grad)."""
+    from fastdiff.kernels import dispatch
+    from fastdiff.kernels.fused_pd_loss import _fused_pd_loss_torch, fused_pd_loss_reference
+
+    monkeypatch.setenv("FASTDIFF_KERNELS", "torch")
+    g = torch.Generator().manual_seed(3)
+    batch, n = 4, dispatch.CPU_COMPILE_MIN_ELEMENTS // 4 + 3  # not a multiple of anything
+    tensors = [torch.randn(batch, n, generator=g) for _ in range(4)]
+    phi_t = torch.tensor([math.pi / 2, 1.0, 0.3, 0.02], dtype=torch.float64)
+    angles = (phi_t, phi_t - 0.01, phi_t - 0.02)
+
+    def loss_and_grad(compiled: bool):
+        monkeypatch.setenv("FASTDIFF_CPU_COMPILE", "1" if compiled else "0")
+        v = tensors[0].clone().requires_grad_()
+        loss = fused_pd_loss(v, *tensors[1:], *angles)
+        loss.backward()
+        return loss.detach(), v.grad
+
+    fast, fast_grad = loss_and_grad(True)
+    assert _fused_pd_loss_torch in dispatch._compiled, "the compiled path was not taken"
+    eager, eager_grad = loss_and_grad(False)
+    v64 = tensors[0].double().requires_grad_()
+    ref = fused_pd_loss_reference(v64, *(t.double() for t in tensors[1:]), *angles)
+    ref.backward()
+    assert torch.allclose(fast.double(), ref.detach(), rtol=1e-5)
+    assert torch.allclose(fast, eager, rtol=1e-5)
+    assert torch.allclose(fast_grad.double(), v64.grad, rtol=1e-4, atol=1e-12)
+    assert torch.allclose(fast_grad, eager_grad, rtol=1e-5, atol=1e-12)
