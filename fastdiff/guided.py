@@ -65,6 +65,7 @@ from fastdiff.training import (
     make_optimizer,
     maybe_compile,
     model_device,
+    optimizer_update,
 )
 
 __all__ = [
@@ -312,15 +313,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         with phase("target"):
             loss = guided_distill_loss(v_s.to(d.z_t.dtype), v_c, v_u, d.w,
                                        schedule.phi(d.t), weighting)
-        with phase("backward"):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        with phase("optimizer_step"):
-            opt.step()
-        with phase("ema"):
-            ema.update(student)
+        optimizer_update(loss, student, opt, ema, grad_clip)
         history.loss.append(float(loss.detach()))
         bar.update(batch_size, loss=history.loss[-1])
         if (k + 1) % eval_every == 0 or k + 1 == updates:
@@ -516,15 +509,7 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
             v_s = student(b.z_t, b.t.float(), **cond)
         with phase("target"):
             loss = distill_loss(v_s.to(b.z_t.dtype), target, phi_t, weighting=weighting)
-        with phase("backward"):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        with phase("optimizer_step"):
-            opt.step()
-        with phase("ema"):
-            ema.update(student)
+        optimizer_update(loss, student, opt, ema, grad_clip)
         history.loss.append(float(loss.detach()))
         bar.update(batch_size, loss=history.loss[-1])
     bar.close()

@@ -42,6 +42,7 @@ from fastdiff.training import (
     make_optimizer,
     maybe_compile,
     model_device,
+    optimizer_update,
 )
 
 WEIGHTINGS = ("snr_trunc", "snr+1", "const")
@@ -348,15 +349,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             group["lr"] = lr * linear_lr(k, updates, warmup)
         loss = pd_update(train_model, teacher, batch, steps, schedule, weighting=weighting,
                          autocast=amp)
-        with phase("backward"):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        with phase("optimizer_step"):
-            opt.step()
-        with phase("ema"):
-            ema.update(student)
+        optimizer_update(loss, student, opt, ema, grad_clip)
         k += 1
         pending.append(loss.detach())
         # reading a loss back syncs a GPU: do it every LOG_EVERY updates, not every update

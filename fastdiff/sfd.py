@@ -40,7 +40,14 @@ from fastdiff.kernels.sfd_loss import sfd_loss
 from fastdiff.profiling import phase
 from fastdiff.schedules import CosineSchedule, Schedule
 from fastdiff.solvers import METHODS, afs_x_hat, dpmpp_update, sfd_grid, solve_interval
-from fastdiff.training import EMA, Progress, _unwrap, make_optimizer, model_device
+from fastdiff.training import (
+    EMA,
+    Progress,
+    _unwrap,
+    make_optimizer,
+    model_device,
+    optimizer_update,
+)
 
 STEPS_COND = "steps"
 
@@ -267,15 +274,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                 k_ve = 1.0 / math.cos(phis[i + 1]) if loss_space == "ve" else 1.0
                 loss = sfd_loss(v * k_ve, z_student * k_ve, target * k_ve, phis[i],
                                 phis[i + 1], metric, huber_c=huber_c)
-            with phase("backward"):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-            with phase("optimizer_step"):
-                opt.step()
-                if ema is not None:
-                    ema.update(student)
+            optimizer_update(loss, student, opt, ema, grad_clip)
             z_student = ddim_step(z_student, v.detach().to(z_student.dtype), phis[i],
                                   phis[i + 1])
             k += 1

@@ -47,6 +47,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def optimizer_update(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer,
+                     ema: EMA | None, grad_clip: float | None) -> None:
+    """One update from a loss: backward, gradient-norm clipping, optimizer step, EMA.
+
+    `model` is the plain module (not a compile/DDP wrapper), so clipping and the EMA see the
+    gradients after any all-reduce. Each part is an NVTX phase.
+    """
+    with phase("backward"):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    with phase("optimizer_step"):
+        opt.step()
+    if ema is not None:
+        with phase("ema"):
+            ema.update(model)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
