@@ -1,6 +1,6 @@
 # fastdiff — set up, test, demo and benchmark.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel; on a CUDA machine use e.g.
-#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+#   make test TORCH_SPEC="torch==2.13.0 --index-url <PyTorch CUDA wheel index>"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
