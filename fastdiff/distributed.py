@@ -164,9 +164,17 @@ def barrier() -> None:
             dist.barrier()
 
 
-def cleanup() -> None:
-    """Leave the process group (call once at the end of every rank)."""
+def cleanup(sync: bool = True) -> None:
+    """Leave the process group (call once at the end of every rank).
+
+    sync: meet the other ranks at a barrier first. Tearing gloo down while a peer is still
+    communicating can abort the process ("terminate called without an active exception");
+    pass False on an error path, where a dead peer would make the barrier wait for the
+    timeout.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -369,9 +377,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _env_int(
         "LOCAL_WORLD_SIZE", 1))))
     rank = _env_int("RANK", 0)
+    ok = False
     try:
         info = init_from_env(own.timeout_s)
         COMMANDS[args.command](args, info)
+        ok = True
     except KeyboardInterrupt:
         print(f"fastdiff.distributed: rank {rank}: interrupted (rerun the same command to "
               "resume)", file=sys.stderr)
@@ -389,7 +399,7 @@ def main(argv=None) -> int:
               "Rerun the same command to resume from the last checkpoint.", file=sys.stderr)
         return 1
     finally:
-        cleanup()
+        cleanup(sync=ok)
     return 0
 
 
