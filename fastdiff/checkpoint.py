@@ -83,6 +83,64 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (deepest first), so a rename publishes data
+    that is already on disk."""
+    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+        try:
+            _fsync_file(path)
+        except OSError:  # some filesystems refuse fsync on directories
+            pass
+
+
+def _temp_sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write(path, write) -> Path:
+    """Write one file atomically: `write(tmp)` fills a temporary sibling, which is fsynced
+    and os.replace'd over `path`; a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_dir(target, fill) -> Path:
+    """Write one folder atomically: `fill(tmp)` fills a temporary sibling folder, which is
+    fsynced and renamed over `target`. An existing `target` is renamed aside first (and put
+    back if the swap fails), then removed. Callers decide whether `target` may be replaced."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp, aside = _temp_sibling(target, "tmp"), _temp_sibling(target, "old")
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            os.rename(target, aside)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if aside.exists() and not target.exists():
+                os.rename(aside, target)  # put the old folder back
+            raise
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
 def _contiguous_cpu(tensors: dict) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors, none sharing memory (safetensors refuses aliasing)."""
     out, seen = {}, set()
@@ -148,36 +206,12 @@ def save(model: torch.nn.Module, path, *, metadata: dict | None = None) -> Path:
             f"refusing to overwrite {target}: it exists and is not a fastdiff checkpoint"
         )
 
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = parent / f".{target.name}.tmp-{tag}"
-    aside = parent / f".{target.name}.old-{tag}"
-    tmp.mkdir()
-    try:
-        save_file(
-            _contiguous_cpu(model.state_dict()), str(tmp / WEIGHTS), metadata={"format": FORMAT}
-        )
-        with open(tmp / CONFIG, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_file(tmp / WEIGHTS)
-        _fsync_dir(tmp)
-        if target.exists():
-            os.rename(target, aside)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if aside.exists() and not target.exists():
-                os.rename(aside, target)  # put the old checkpoint back
-            raise
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    return target
+    def fill(tmp: Path) -> None:
+        weights = _contiguous_cpu(model.state_dict())
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(text)
+
+    return atomic_dir(target, fill)
 
 
 def _unwrap(model):
@@ -293,18 +327,9 @@ def save_state(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         meta_text = json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot save state to {path}: meta is not JSON-able: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     header = {"format": STATE_FORMAT, "version": str(VERSION), "meta": meta_text}
-    try:
-        save_file(_contiguous_cpu(tensors), str(tmp), metadata=header)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    tensors = _contiguous_cpu(tensors)
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def load_state(path) -> tuple[dict[str, torch.Tensor], dict]:

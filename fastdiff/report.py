@@ -6,26 +6,12 @@ work on a machine with no display.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def _atomic(path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+from fastdiff.checkpoint import atomic_write
 
 
 def write_text(path, text: str) -> Path:
@@ -33,7 +19,7 @@ def write_text(path, text: str) -> Path:
         with open(tmp, "w") as f:
             f.write(text)
 
-    return _atomic(path, w)
+    return atomic_write(path, w)
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1,
@@ -59,7 +45,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 
     from PIL import Image
 
     arr = image_grid(images, nrow=nrow, scale=scale)
-    return _atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
 def _figure():
@@ -84,7 +70,7 @@ def save_scatter(points: torch.Tensor, path, *, reference: torch.Tensor | None =
     ax.set_aspect("equal")
     ax.set_title(title)
     fig.tight_layout()
-    out = _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return out
 
@@ -108,7 +94,7 @@ def save_curves(path, curves: dict, *, xlabel: str, ylabel: str, title: str = ""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return out
 

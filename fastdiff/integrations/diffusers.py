@@ -55,16 +55,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastdiff.checkpoint import CheckpointError
+from fastdiff.checkpoint import CheckpointError, atomic_dir
 from fastdiff.schedules import Schedule, _as_tensor, to_v
 
 __all__ = [
@@ -432,41 +429,11 @@ def export_diffusers(student, folder, *, steps: int, overwrite: bool = False) ->
             "prediction_type": student.prediction_type, "null_class": student.null_class,
             "num_train_timesteps": T}
 
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp, aside = parent / f".{target.name}.tmp-{tag}", parent / f".{target.name}.old-{tag}"
-    try:
+    def fill(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / FASTDIFF_JSON).write_text(json.dumps(meta, indent=2))
-        _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
-        if target.exists():
-            os.rename(target, aside)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if aside.exists() and not target.exists():
-                os.rename(aside, target)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    return target
 
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True) + [root]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:  # some filesystems refuse fsync on directories
-            pass
-        finally:
-            os.close(fd)
+    return atomic_dir(target, fill)
 
 
 # --- loading ---------------------------------------------------------------------------------
