@@ -65,8 +65,10 @@ def test_matches_float64(backend, batch, shape, dtype, metric, weighting, seed, 
     key = (backend, str(dtype).split(".")[-1], "forward")
     MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
     # same low-precision inputs, float32 math inside; the guidance combination amplifies the
-    # float32 rounding of (1+w)·v_c by up to |1+w| + |w| ≈ 29 relative to d, hence 1e-5
-    assert err <= 1e-5, err
+    # float32 rounding of (1+w)·v_c by up to |1+w| + |w| ≈ 29 relative to d, hence 1e-5.
+    # The absolute 1e-30: per-sample weights travel as float32 (DESIGN §4), so a "const"
+    # weight sin²φ below float32's range (φ ≲ 1e-19) is 0 there; test_kernels allows the same.
+    assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref)) + 1e-30, err
 
 
 GRAD_SHAPE = (4, 1100)  # one full block and a masked tail per sample
