@@ -178,7 +178,7 @@ class HeldOut:
         self.target = pd_target(batch.z_t, v1, v2, phi_t, phi_mid, phi_end)
 
     @torch.no_grad()
-    def mismatch(self, model, chunk: int = 512) -> float:
+    def mismatch(self, model) -> float:
         cond = self.batch.cond
         v = model(self.batch.z_t, self.batch.t.float(), **cond)
         return float(distill_loss(v.to(self.target.dtype), self.target, self.phi_t,
@@ -452,14 +452,10 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     steps = start_steps
     for r in range(n_rounds):
         done_path = Path(checkpoint_dir) / f"student-{steps // 2:05d}" if checkpoint_dir else None
-        if done_path is not None and done_path.exists() and _round_done(done_path, steps):
-            student = load(done_path)
-            student.schedule = getattr(student, "schedule", None) or getattr(current, "schedule",
-                                                                              None)
-            meta = _read_json(done_path / "config.json").get("metadata", {})
-            history = RoundHistory(**meta.get("history", {}))
-            result = RoundResult(student=student, steps=steps // 2, teacher_steps=steps,
-                                 history=history)
+        meta = _finished_round(done_path, steps) if done_path is not None else None
+        if meta is not None:  # load() restores the student's schedule from the checkpoint
+            result = RoundResult(student=load(done_path), steps=steps // 2, teacher_steps=steps,
+                                 history=RoundHistory(**meta.get("history", {})))
         else:
             result = distill_round(current, data, teacher_steps=steps, updates=per_round[r],
                                    checkpoint_dir=checkpoint_dir, **round_options)
@@ -478,16 +474,13 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     return results
 
 
-def _read_json(path):
-    import json
+def _finished_round(path: Path, teacher_steps: int) -> dict | None:
+    """The metadata saved with a finished round's student at `path`, or None if there is no
+    readable checkpoint of the round from `teacher_steps` there."""
+    from fastdiff.checkpoint import CheckpointError, load_config
 
-    with open(path) as f:
-        return json.load(f)
-
-
-def _round_done(path: Path, teacher_steps: int) -> bool:
     try:
-        meta = _read_json(path / "config.json").get("metadata", {})
-    except (OSError, ValueError):
-        return False
-    return meta.get("teacher_steps") == teacher_steps
+        meta = load_config(path).get("metadata", {})
+    except CheckpointError:
+        return None
+    return meta if meta.get("teacher_steps") == teacher_steps else None

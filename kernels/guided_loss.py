@@ -30,11 +30,11 @@ from ._metrics import (
     METRIC_CODES,
     huber_constexpr,
     metric_grad_torch_,
-    metric_reference,
     metric_torch_,
     row_scale,
 )
 from .dispatch import BLOCK, backend_for, blocks_per_row, row_chunks, tl, triton
+from .distill_loss import distill_loss_reference
 
 if triton is not None:
     from ._metrics import metric_grad, metric_value
@@ -152,17 +152,8 @@ def guided_distill_loss_reference(v_student: Tensor, v_cond: Tensor, v_uncond: T
                                   phi_t, weighting: str = "snr+1", metric: str = "l2", *,
                                   huber_c: float = 0.03) -> Tensor:
     """Plain float64 math (differentiable; tests take its autograd as the reference)."""
-    batch = v_student.shape[0]
-    phi = _checks.angles("phi_t", phi_t, batch, v_student.device)
-    alpha2, sigma2 = torch.cos(phi) ** 2, torch.sin(phi) ** 2
-    weight = {
-        "snr_trunc": torch.maximum(alpha2, sigma2),
-        "snr+1": torch.ones_like(phi),
-        "const": sigma2,
-    }[weighting]
-    d = v_student.double() - guided_target_reference(v_cond, v_uncond, w)
-    per_sample = metric_reference(d, metric, huber_c).reshape(batch, -1).mean(dim=1)
-    return (weight * per_sample).mean()
+    target = guided_target_reference(v_cond, v_uncond, w)
+    return distill_loss_reference(v_student, target, phi_t, weighting, metric, huber_c=huber_c)
 
 
 # ---------------------------------------------------------------- 4. custom ops
@@ -238,6 +229,11 @@ def _weights(w, batch: int, device: torch.device) -> Tensor:
         if w.device != device and w.device.type != "cpu":
             raise ValueError(f"w is on {w.device} but the data is on {device}; expected the "
                              "same device (or CPU weights)")
+        # a NaN/Inf weight would poison the whole loss silently. Checked on CPU tensors only
+        # (on a GPU the check would sync every call) and not while torch.compile traces.
+        if (w.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(w).all())):
+            raise ValueError("w: guidance weights must be finite")
         w64 = w.detach().to(device=device, dtype=torch.float64)
     elif isinstance(w, Real) and not isinstance(w, bool):
         if not math.isfinite(float(w)):
@@ -274,10 +270,6 @@ def guided_distill_loss(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, w, 
     huber_c = _checks.check_huber_c(huber_c)
     batch = v_student.shape[0]
     w64 = _weights(w, batch, v_student.device)
-    # a NaN/Inf weight would poison the whole loss silently; (the check syncs, so it is
-    # skipped while torch.compile traces, which must not graph-break here)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(w64).all()):
-        raise ValueError("w: guidance weights must be finite")
     phi = _checks.angles("phi_t", phi_t, batch, v_student.device)
     # 1 + w formed in float64 then rounded once: (1+w) and w are each the nearest float32
     wp1 = (1.0 + w64).to(torch.float32).contiguous()
