@@ -8,3 +8,20 @@ kernel tests can run the Triton path on CPU tensors. setdefault: an explicit val
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a kernel test once per backend (FASTDIFF_KERNELS); Triton runs interpreted on
+    CPU tensors, and is skipped where its kernels were not defined under the interpreter."""
+    from fastdiff.kernels import backend_for
+    from fastdiff.kernels.dispatch import TRITON_INTERPRETED, triton
+
+    if request.param == "triton" and (triton is None or not TRITON_INTERPRETED):
+        pytest.skip("Triton kernels were not defined under TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTDIFF_KERNELS", request.param)
+    assert backend_for(torch.empty(1)) == request.param
+    return request.param

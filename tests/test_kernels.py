@@ -15,14 +15,12 @@ import torch  # noqa: E402
 from fastdiff.kernels import (  # noqa: E402
     METRICS,
     WEIGHTINGS,
-    backend_for,
     ddim_step,
     distill_loss,
     fused_pd_loss,
     pd_target,
 )
 from fastdiff.kernels.ddim_step import ddim_step_reference  # noqa: E402
-from fastdiff.kernels.dispatch import TRITON_INTERPRETED, triton  # noqa: E402
 from fastdiff.kernels.distill_loss import distill_loss_reference  # noqa: E402
 from fastdiff.kernels.fused_pd_loss import fused_pd_loss_reference  # noqa: E402
 from fastdiff.kernels.pd_target import pd_target_reference  # noqa: E402
@@ -37,7 +35,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 # trailing shapes: 1 element, primes, multiples and non-multiples of BLOCK (1024)
 SHAPES = [(1,), (2,), (3,), (7,), (97,), (1023,), (1024,), (1025,), (2048,), (2999,),
           (3, 5, 7), (3, 16, 16), (2, 1, 37)]
-BACKENDS = ["torch", "triton"]
 
 
 def prop(examples):
@@ -47,15 +44,6 @@ def prop(examples):
 
 
 PROPERTY = prop(30)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "triton" and (triton is None or not TRITON_INTERPRETED):
-        pytest.skip("Triton kernels were not defined under TRITON_INTERPRET=1")
-    monkeypatch.setenv("FASTDIFF_KERNELS", request.param)
-    assert backend_for(torch.empty(1)) == request.param
-    return request.param
 
 
 def randn(shape, seed, dtype=torch.float32):

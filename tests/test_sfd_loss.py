@@ -8,9 +8,8 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from fastdiff.kernels import METRICS, backend_for  # noqa: E402
+from fastdiff.kernels import METRICS  # noqa: E402
 from fastdiff.kernels.ddim_step import ddim_step_reference  # noqa: E402
-from fastdiff.kernels.dispatch import TRITON_INTERPRETED, triton  # noqa: E402
 from fastdiff.kernels.sfd_loss import sfd_loss, sfd_loss_reference  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -20,15 +19,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1,), (3,), (97,), (1023,), (1024,), (1025,), (2999,), (3, 5, 7), (1, 8, 8)]
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 MAX_ERR: dict = {}
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton" and (triton is None or not TRITON_INTERPRETED):
-        pytest.skip("Triton kernels were not defined under TRITON_INTERPRET=1")
-    monkeypatch.setenv("FASTDIFF_KERNELS", request.param)
-    assert backend_for(torch.empty(1)) == request.param
-    return request.param
 
 
 def randn(shape, seed, dtype=torch.float32):
