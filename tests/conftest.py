@@ -25,3 +25,14 @@ def backend(request, monkeypatch):
     monkeypatch.setenv("FASTDIFF_KERNELS", request.param)
     assert backend_for(torch.empty(1)) == request.param
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (use with `pytestmark =
+    pytest.mark.usefixtures("one_thread")`): one is as fast as two here, and on a shared
+    2-core machine two threads thrash in OpenMP barriers (measured 20-100× slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,14 +23,6 @@ from fastdiff.profile import build_pair, random_batch  # noqa: E402
 from fastdiff.schedules import CosineSchedule  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 

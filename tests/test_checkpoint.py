@@ -21,15 +21,7 @@ from fastdiff.checkpoint import (
 from fastdiff.models import MLP, UNet, add_scalar_condition
 from fastdiff.schedules import CosineSchedule, LinearLogSNRSchedule
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and avoids OpenMP barriers
-    that cost ~100x when the 2 cores are shared with other jobs (measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model, seed=0):

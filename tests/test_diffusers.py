@@ -41,14 +41,7 @@ def tiny_unet(**extra):
         up_block_types=("UpBlock2D", "UpBlock2D"), **extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a shared 2-core machine two intra-op threads thrash (measured
-    20x slower under load), so run this module on one and restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

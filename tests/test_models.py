@@ -15,15 +15,7 @@ from fastdiff.models import (
 )
 from fastdiff.schedules import CosineSchedule, LinearLogSNRSchedule, v_from_x_eps
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and avoids OpenMP barriers
-    that cost ~100x when the 2 cores are shared with other jobs (measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model, seed=0):
