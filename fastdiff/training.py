@@ -233,16 +233,8 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
                 y = None
         with phase("student_forward"), autocast_for(device, autocast):
             loss = teacher_loss(step_fn, x, y, schedule, gen, rank=rank, world_size=world_size)
-        with phase("backward"):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        with phase("optimizer_step"):
-            opt.step()
-            sched.step()
-        with phase("ema"):
-            ema.update(model)
+        optimizer_update(loss, model, opt, ema, grad_clip)
+        sched.step()
         pending.append(loss.detach())
         if len(pending) == LOG_EVERY:  # a loss read-back syncs a GPU: batch them
             _flush(pending, history.loss, world_size)
