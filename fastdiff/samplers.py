@@ -80,15 +80,17 @@ def guided_model(model: Callable, cond: dict | None, guidance) -> Callable:
     if "y" not in cond:
         raise ValueError("guidance needs class labels: pass cond={'y': labels}")
 
+    # the doubled conditioning is the same at every step: build it once
+    both = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v
+            for k, v in cond.items()}
+    both["y"] = torch.cat([cond["y"], torch.full_like(cond["y"], -1)])
+    w = torch.as_tensor(guidance, dtype=torch.float64)
+
     def f(z, t):
-        y = cond["y"]
-        both = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v
-                for k, v in cond.items()}
-        both["y"] = torch.cat([y, torch.full_like(y, -1)])
         out = model(torch.cat([z, z]), torch.cat([t, t]), **both)
         v_c, v_u = out.chunk(2)
-        w = per_sample(torch.as_tensor(guidance, dtype=torch.float64), z)
-        return (1 + w) * v_c - w * v_u
+        w_z = per_sample(w, z)
+        return (1 + w_z) * v_c - w_z * v_u
 
     return f
 
