@@ -35,9 +35,11 @@ from fastdiff.profiling import phase
 from fastdiff.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.training import (
     EMA,
+    LOG_EVERY,
     Progress,
     _unwrap,
     autocast_for,
+    flush_losses,
     linear_lr,
     make_optimizer,
     maybe_compile,
@@ -355,7 +357,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         # reading a loss back syncs a GPU: do it every LOG_EVERY updates, not every update
         if k % LOG_EVERY == 0 or k % eval_every == 0 or k % checkpoint_every == 0 \
                 or k == updates:
-            _flush_losses(pending, history.loss, world_size)
+            flush_losses(pending, history.loss, world_size)
         bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
         if k % eval_every == 0 or k == updates:
             with phase("eval"):
@@ -379,7 +381,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             with phase("checkpoint"):
                 _save_round_state(state_path, student=student, ema=ema, opt=opt, k=k,
                                   history=history, fingerprint=fingerprint)
-    _flush_losses(pending, history.loss, world_size)
+    flush_losses(pending, history.loss, world_size)
     bar.close()
     history.stopped_by = stopped_by
     history.updates_done = k
@@ -390,16 +392,6 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     out.schedule = schedule
     out.sample_steps = steps
     return RoundResult(student=out, steps=steps, teacher_steps=teacher_steps, history=history)
-
-
-LOG_EVERY = 10  # updates between loss read-backs (each one a device sync on CUDA)
-
-
-def _flush_losses(pending: list, into: list, world_size: int) -> None:
-    """Move the pending per-update losses (device scalars) into `into` as floats."""
-    if pending:
-        into.extend(_mean_over_ranks(torch.stack(pending).float(), world_size).tolist())
-        pending.clear()
 
 
 def _mean_over_ranks(x, world_size: int):

@@ -42,8 +42,10 @@ from fastdiff.schedules import CosineSchedule, Schedule
 from fastdiff.solvers import METHODS, afs_x_hat, dpmpp_update, sfd_grid, solve_interval
 from fastdiff.training import (
     EMA,
+    LOG_EVERY,
     Progress,
     _unwrap,
+    flush_losses,
     make_optimizer,
     model_device,
     optimizer_update,
@@ -230,6 +232,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
 
     bar = Progress(updates, f"sfd {student_steps} NFE", progress)
     k, traj, spent, eval_time = 0, 0, 0.0, 0.0
+    pending = []
     t_start = time.perf_counter()
     while k < updates:
         gen = _generator(seed, traj)
@@ -279,8 +282,10 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                                   phis[i + 1])
             k += 1
             spent += batch_size
-            history.loss.append(float(loss.detach()))
-            bar.update(batch_size, loss=history.loss[-1])
+            pending.append(loss.detach())
+            if len(pending) == LOG_EVERY:  # a loss read-back syncs a GPU: batch them
+                flush_losses(pending, history.loss)
+            bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
             if on_eval is not None and eval_every and (k % eval_every == 0 or k == updates):
                 t0 = time.perf_counter()
                 value = on_eval(snapshot(), k, t0 - t_start - eval_time)
@@ -290,6 +295,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                 student.train()
                 eval_time += time.perf_counter() - t0
         history.teacher_nfe = max(history.teacher_nfe, nfe_teacher)
+    flush_losses(pending, history.loss)
     bar.close()
     history.updates_done = k
     history.wall_time = time.perf_counter() - t_start - eval_time

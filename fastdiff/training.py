@@ -136,8 +136,10 @@ def linear_lr(step: int, total: int, warmup: int = 0) -> float:
 LOG_EVERY = 10  # updates between loss read-backs (each one a device sync on CUDA)
 
 
-def _flush(pending: list, into: list, world_size: int) -> None:
-    """Move pending per-update losses (device scalars, averaged over ranks) into `into`."""
+def flush_losses(pending: list, into: list, world_size: int = 1) -> None:
+    """Move pending per-update losses (device scalars, averaged over ranks) into `into` as
+    floats. Training loops collect `loss.detach()` and call this every LOG_EVERY updates, so
+    that reading losses back does not sync a GPU every update."""
     if not pending:
         return
     losses = torch.stack(pending).float()
@@ -237,9 +239,9 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
         sched.step()
         pending.append(loss.detach())
         if len(pending) == LOG_EVERY:  # a loss read-back syncs a GPU: batch them
-            _flush(pending, history.loss, world_size)
+            flush_losses(pending, history.loss, world_size)
         bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
-    _flush(pending, history.loss, world_size)
+    flush_losses(pending, history.loss, world_size)
     bar.close()
     history.wall_time = time.perf_counter() - t0
     history.samples_per_s = updates * batch_size / history.wall_time

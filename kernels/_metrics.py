@@ -45,10 +45,15 @@ def loss_weight(phi: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f"weighting={weighting!r} is not valid; expected one of {WEIGHTINGS}")
 
 
-def row_scale(phi: torch.Tensor, weighting: str, n_per_sample: int) -> torch.Tensor:
-    """``weight_b / (B * n_per_sample)`` formed in float64, handed over as float32."""
+def row_scale(phi: torch.Tensor, weighting: str, n_per_sample: int,
+              factor: torch.Tensor | None = None) -> torch.Tensor:
+    """``factor_b · weight_b / (B * n_per_sample)`` formed in float64, handed over as a
+    contiguous float32 ``(B,)``; ``factor``: optional float64 ``(B,)`` per-example factors."""
     batch = phi.shape[0]
-    return (loss_weight(phi, weighting) / (batch * n_per_sample)).to(torch.float32)
+    weight = loss_weight(phi, weighting)
+    if factor is not None:
+        weight = weight * factor
+    return (weight / (batch * n_per_sample)).to(torch.float32).contiguous()
 
 
 # ---------------------------------------------------------------- torch versions

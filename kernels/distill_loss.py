@@ -116,8 +116,9 @@ def _distill_loss_backward_torch(vs: Tensor, vt: Tensor, scale: Tensor, metric: 
 # ---------------------------------------------------------------- 3. float64 reference
 def distill_loss_reference(v_student: Tensor, v_target: Tensor, phi_t,
                            weighting: str = "snr_trunc", metric: str = "l2", *,
-                           huber_c: float = 0.03) -> Tensor:
-    """Plain float64 math (differentiable; tests take its autograd as the reference)."""
+                           huber_c: float = 0.03, sample_weight=None) -> Tensor:
+    """Plain float64 math (differentiable; tests take its autograd as the reference).
+    ``sample_weight``: optional ``(B,)`` extra per-example factor on the weighting."""
     batch = v_student.shape[0]
     phi = _checks.angles("phi_t", phi_t, batch, v_student.device)
     alpha2, sigma2 = torch.cos(phi) ** 2, torch.sin(phi) ** 2
@@ -126,6 +127,9 @@ def distill_loss_reference(v_student: Tensor, v_target: Tensor, phi_t,
         "snr+1": torch.ones_like(phi),
         "const": sigma2,
     }[weighting]
+    if sample_weight is not None:
+        weight = weight * torch.as_tensor(sample_weight, dtype=torch.float64,
+                                          device=weight.device)
     d = v_student.double() - v_target.double()
     per_sample = metric_reference(d, metric, huber_c).reshape(batch, -1).mean(dim=1)
     return (weight * per_sample).mean()

@@ -150,10 +150,11 @@ def guided_target_reference(v_cond: Tensor, v_uncond: Tensor, w) -> Tensor:
 
 def guided_distill_loss_reference(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, w,
                                   phi_t, weighting: str = "snr+1", metric: str = "l2", *,
-                                  huber_c: float = 0.03) -> Tensor:
+                                  huber_c: float = 0.03, sample_weight=None) -> Tensor:
     """Plain float64 math (differentiable; tests take its autograd as the reference)."""
     target = guided_target_reference(v_cond, v_uncond, w)
-    return distill_loss_reference(v_student, target, phi_t, weighting, metric, huber_c=huber_c)
+    return distill_loss_reference(v_student, target, phi_t, weighting, metric, huber_c=huber_c,
+                                  sample_weight=sample_weight)
 
 
 # ---------------------------------------------------------------- 4. custom ops
@@ -245,9 +246,23 @@ def _weights(w, batch: int, device: torch.device) -> Tensor:
     return w64.expand(batch)
 
 
+def _sample_weights(sample_weight, batch: int, device: torch.device) -> Tensor:
+    """Per-example loss factors as float64 ``(batch,)`` on ``device``: finite and ≥ 0."""
+    if not isinstance(sample_weight, Tensor) or not sample_weight.is_floating_point():
+        raise TypeError("sample_weight: expected a float tensor of shape (B,), got "
+                        f"{type(sample_weight).__name__}")
+    if tuple(sample_weight.shape) != (batch,):
+        raise ValueError(f"sample_weight: expected shape ({batch},) for a batch of {batch}, "
+                         f"got {tuple(sample_weight.shape)}")
+    if sample_weight.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(
+            (torch.isfinite(sample_weight) & (sample_weight >= 0)).all()):
+        raise ValueError("sample_weight: every factor must be finite and >= 0")
+    return sample_weight.detach().to(device=device, dtype=torch.float64)
+
+
 def guided_distill_loss(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, w, phi_t,
                         weighting: str = "snr+1", metric: str = "l2", *,
-                        huber_c: float = 0.03) -> Tensor:
+                        huber_c: float = 0.03, sample_weight: Tensor | None = None) -> Tensor:
     """Stage-1 guided distillation loss (float32 scalar), differentiable in ``v_student``.
 
     ``mean_b weight_b · mean_i metric(v_student − ((1 + w_b) v_cond − w_b v_uncond))``.
@@ -259,7 +274,11 @@ def guided_distill_loss(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, w, 
     w = −1: unconditional). ``phi_t``: the angle of t, ``(B,)``, 0-d or a float (float64
     preferred), used only by the weighting. ``weighting``: ``"snr+1"`` (default, weight 1),
     ``"snr_trunc"`` or ``"const"``; ``metric``: ``"l2"``, ``"l1"`` or ``"pseudo_huber"``.
-    No gradient flows to ``v_cond``, ``v_uncond`` or ``w``.
+    ``sample_weight``: optional ``(B,)`` float factors (finite, ≥ 0) multiplying each
+    example's weight, e.g. ``1 / (1 + w)²`` to balance the loss across guidance weights
+    (`fastdiff.guided.distill_guidance`); they join the per-row scale on the host, so the
+    kernels are the same. No gradient flows to ``v_cond``, ``v_uncond``, ``w`` or
+    ``sample_weight``.
     """
     _checks.check_data("v_student", v_student)
     _checks.check_like("v_student", v_student, "v_cond", v_cond)
@@ -274,6 +293,8 @@ def guided_distill_loss(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, w, 
     # 1 + w formed in float64 then rounded once: (1+w) and w are each the nearest float32
     wp1 = (1.0 + w64).to(torch.float32).contiguous()
     w32 = w64.to(torch.float32).contiguous()
-    scale = row_scale(phi, weighting, v_student.numel() // batch).contiguous()
+    factor = None if sample_weight is None else _sample_weights(sample_weight, batch,
+                                                                v_student.device)
+    scale = row_scale(phi, weighting, v_student.numel() // batch, factor)
     return _guided_loss_op(v_student, v_cond.detach(), v_uncond.detach(), wp1, w32, scale,
                            metric, huber_c)

@@ -7,6 +7,7 @@ against closed-form moments on Gaussian data, where every step is affine in z.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import pytest
@@ -64,7 +65,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def stage1(data):
-    return distill_guidance(toy_teacher(), data, w_min=0.0, w_max=4.0, updates=250,
+    return distill_guidance(toy_teacher(), data, w_min=0.0, w_max=4.0, updates=500,
                             batch_size=64, lr=3e-3, eval_every=50, heldout_size=256,
                             progress=False)
 
@@ -82,6 +83,16 @@ def test_stage1_learns_the_guided_output(stage1):
     assert h.final_error[0.0] < 0.2, h.final_error
     assert h.heldout_error[-1] < h.heldout_error[0] or h.heldout_error[0] < 0.2
     assert all(math.isfinite(v) for v in h.loss) and h.loss[-1] > 0
+
+
+def test_balancing_w_keeps_the_w0_output_closer_to_the_teacher(stage1, data):
+    """balance_w (default) weighs each w by its relative error; without it the large-w
+    examples dominate and the w = 0 output, where the student started exact, drifts more."""
+    plain = distill_guidance(toy_teacher(), data, w_min=0.0, w_max=4.0, updates=500,
+                             batch_size=64, lr=3e-3, eval_every=50, heldout_size=256,
+                             balance_w=False, progress=False)
+    assert stage1.history.final_error[0.0] < 0.8 * plain.history.final_error[0.0], (
+        stage1.history.final_error, plain.history.final_error)
 
 
 def test_stage1_student_takes_w_and_guidance_error_agrees(stage1, data):
@@ -302,6 +313,11 @@ def test_cli_runs_both_stages_and_resumes(tmp_path, data, capsys):
     assert (tmp_path / "run" / "stage1").exists()
     distill_guided_cli(toy_teacher(), data, args)
     assert "stage 1: reusing" in capsys.readouterr().out
+    args.stage1_updates = 7  # other stage-1 settings: not reused
+    distill_guided_cli(toy_teacher(), data, args)
+    assert "stage 1: retraining" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "run" / "stage1" / "config.json").read_text())["metadata"]
+    assert meta["updates"] == 7 and meta["history"]["updates_done"] == 7
 
 
 @pytest.mark.slow

@@ -45,10 +45,15 @@ def test_matches_float64(backend, batch, shape, dtype, metric, weighting, seed, 
                               .map(lambda x: torch.tensor(x, dtype=torch.float64))))
     w = data.draw(st.one_of(weight, st.lists(weight, min_size=batch, max_size=batch)
                             .map(lambda x: torch.tensor(x, dtype=torch.float64))))
-    loss = guided_distill_loss(vs, vc, vu, w, phi, weighting, metric)
-    ref = guided_distill_loss_reference(vs, vc, vu, w, phi, weighting, metric)
+    # optional per-example factors, e.g. distill_guidance's 1/(1 + w)² balancing
+    sw = data.draw(st.one_of(st.none(), st.lists(st.floats(0.0, 4.0), min_size=batch,
+                                                 max_size=batch)
+                             .map(lambda x: torch.tensor(x, dtype=torch.float32))))
+    loss = guided_distill_loss(vs, vc, vu, w, phi, weighting, metric, sample_weight=sw)
+    ref = guided_distill_loss_reference(vs, vc, vu, w, phi, weighting, metric,
+                                        sample_weight=sw)
     assert loss.dtype == torch.float32 and loss.shape == () and torch.isfinite(loss)
-    if float(ref) == 0.0:  # "const" weighting with every φ = 0
+    if float(ref) == 0.0:  # "const" weighting with every φ = 0, or zero factors
         assert float(loss) == 0.0
         return
     err = abs(float(loss) - float(ref)) / abs(float(ref))
@@ -81,6 +86,25 @@ def test_gradient_matches_float64_autograd(backend, metric, dtype):
     key = (backend, str(dtype).split(".")[-1], "grad")
     MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
     assert err < GRAD_TOL[dtype], err
+
+
+def test_sample_weight_scales_each_example_and_its_gradient(backend):
+    """Factor k on one example scales its loss term and its gradient row by k, others not."""
+    vs, vc, vu = (randn(GRAD_SHAPE, 60 + k) for k in range(3))
+    sw = torch.tensor([1.0, 0.25, 3.0, 0.0])
+    x, x1 = vs.clone().requires_grad_(), vs.clone().requires_grad_()
+    weighted = guided_distill_loss(x, vc, vu, W, PHI, "snr_trunc", sample_weight=sw)
+    plain = guided_distill_loss(x1, vc, vu, W, PHI, "snr_trunc")
+    weighted.backward()
+    plain.backward()
+    torch.testing.assert_close(x.grad, x1.grad * sw[:, None], rtol=1e-5, atol=1e-12)
+    x64 = vs.double().requires_grad_()
+    ref = guided_distill_loss_reference(x64, vc, vu, W, PHI, "snr_trunc", sample_weight=sw)
+    ref.backward()
+    ref = float(ref.detach())
+    assert abs(float(weighted.detach()) - ref) <= 1e-5 * ref
+    assert float((x.grad.double() - x64.grad).norm() / x64.grad.norm()) < 1e-5
+    assert abs(float(weighted.detach()) - float(plain.detach())) > 0.01 * float(plain.detach())
 
 
 def test_exact_guided_target_gives_zero_loss_and_known_gradient(backend):
@@ -156,6 +180,12 @@ Z = randn((3, 4), 0)
     (lambda: guided_distill_loss(Z, Z, Z, 1.0, torch.zeros(2, dtype=torch.float64)),
      ValueError, r"phi_t: expected .*shape \(3,\)"),
     (lambda: guided_distill_loss(Z.long(), Z, Z, 1.0, 0.5), TypeError, r"v_student"),
+    (lambda: guided_distill_loss(Z, Z, Z, 1.0, 0.5, sample_weight=torch.ones(2)), ValueError,
+     r"sample_weight: expected shape \(3,\)"),
+    (lambda: guided_distill_loss(Z, Z, Z, 1.0, 0.5, sample_weight=torch.tensor([1., -1., 1.])),
+     ValueError, r"sample_weight: every factor must be finite and >= 0"),
+    (lambda: guided_distill_loss(Z, Z, Z, 1.0, 0.5, sample_weight=[1.0, 1.0, 1.0]), TypeError,
+     r"sample_weight: expected a float tensor"),
 ])
 def test_bad_inputs_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
