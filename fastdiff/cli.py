@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guided distillation (Meng et al.): w-conditioned student, then halving")
     d.add_argument("--w-min", type=float, default=0.0, help="smallest guidance weight (guided)")
     d.add_argument("--w-max", type=float, default=4.0, help="largest guidance weight (guided)")
-    d.add_argument("--stage1-updates", type=int, default=3000,
+    d.add_argument("--stage1-updates", type=int, default=4000,
                    help="updates of guided stage 1 (the one-pass w-conditioned model)")
     d.add_argument("--stage1-lr", type=float, default=1e-3,
                    help="peak AdamW learning rate of guided stage 1")

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdiff.kernels import ddim_step, distill_loss, pd_target
+from fastdiff.kernels import ddim_step, distill_loss
 from fastdiff.kernels.guided_loss import guided_distill_loss
 from fastdiff.models import add_scalar_condition
 from fastdiff.pd import (
@@ -418,52 +418,70 @@ def stochastic_sample(f, noise: torch.Tensor, steps: int, *, schedule: Schedule 
 
 @torch.no_grad()
 def stochastic_target(teacher, z_t: torch.Tensor, t: torch.Tensor, cond: dict, steps: int,
-                      schedule: Schedule, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      schedule: Schedule, autocast=None, *,
+                      teacher_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The v target of the stochastic-sampler student at t = i/N (N = `steps`).
 
-    z_t: (B, ...); t: (B,) float64 on the grid i/N; cond: the teacher's keywords. For i ≥ 2
-    the student must step 2/N: ṽ combines two teacher DDIM steps t → t−1/N → t−2/N
-    (`pd_target`, DESIGN §2); for i = 1 it steps to 0 as the teacher does, ṽ = v̂(z_t, t).
-    Returns (φ_t float64 (B,), ṽ of z_t's shape).
+    z_t: (B, ...); t: (B,) float64 on the grid i/N; cond: the teacher's keywords;
+    teacher_steps: the teacher's own grid, a multiple k·N of N (default N). The student's step
+    from t spans 2/N to u = t − 2/N for i ≥ 2 and 1/N to 0 for i = 1; the teacher covers it
+    with DDIM steps of 1/(kN) (2k of them, or k), and ṽ is the v whose single DDIM step lands
+    where the teacher did (DESIGN §2, the rotation solved for v):
+
+        z_u^teacher = cos Δ · z_t − sin Δ · ṽ,  Δ = φ_t − φ_u  ⇒  ṽ = (cos Δ · z_t − z_u) / sin Δ
+
+    formed in float64 (sin Δ ≥ sin(φ(1/N)) > 0). A sample whose span is done stays put (steps
+    of length 0), so a batch mixing i = 1 and i ≥ 2 takes 2k teacher passes.
+    Returns (φ_t float64 (B,), ṽ in z_t's dtype).
     """
     import contextlib
 
+    k = _substeps(steps, teacher_steps)
     amp = autocast or contextlib.nullcontext()
-    first = t * steps < 1.5   # i = 1
-    t_mid = torch.where(first, t, t - 1.0 / steps)
-    t_end = torch.where(first, torch.zeros_like(t), t - 2.0 / steps)
-    phi_t, phi_mid, phi_end = schedule.phi(t), schedule.phi(t_mid), schedule.phi(t_end)
-    with phase("teacher_forward"), amp:
-        v1 = teacher(z_t, t.float(), **cond).to(z_t.dtype)
-    z_mid = ddim_step(z_t, v1, phi_t, phi_mid)
-    with phase("teacher_forward"), amp:
-        v2 = teacher(z_mid, t_mid.float(), **cond).to(z_t.dtype)
-    # for i = 1, φ_mid = φ_t: Δ₁ = 0, z_mid = z_t and pd_target's ṽ reduces to v̂₂ = v̂₁
+    last = t * steps < 1.5                                  # i = 1: one step of 1/N to 0
+    t_end = torch.where(last, torch.zeros_like(t), t - 2.0 / steps)
+    z, t_now = z_t, t
+    for _ in range(2 * k):
+        t_next = torch.maximum(t_now - 1.0 / (k * steps), t_end)
+        with phase("teacher_forward"), amp:
+            v = teacher(z, t_now.float(), **cond).to(z_t.dtype)
+        z = ddim_step(z, v, schedule.phi(t_now), schedule.phi(t_next))
+        t_now = t_next
     with phase("target"):
-        return phi_t, pd_target(z_t, v1, v2, phi_t, phi_mid, phi_end)
+        phi_t, phi_end = schedule.phi(t), schedule.phi(t_end)
+        delta = per_sample(phi_t - phi_end, z_t)
+        v_tilde = (torch.cos(delta) * z_t.double() - z.double()) / torch.sin(delta)
+    return phi_t, v_tilde.to(z_t.dtype)
 
 
-def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: float = 4.0,
-                       updates: int = 400, batch_size: int = 128, lr: float = 2e-4,
-                       weighting: str = "snr_trunc", ema_decay: float = 0.995,
-                       grad_clip: float = 1.0, schedule: Schedule | None = None,
-                       autocast=None, seed: int = 0, progress: bool = True,
-                       device=None) -> RoundResult:
+def _substeps(steps: int, teacher_steps) -> int:
+    """k = teacher_steps / steps, the teacher's steps per student step of 1/N."""
+    teacher_steps = steps if teacher_steps is None else teacher_steps
+    if isinstance(teacher_steps, bool) or not isinstance(teacher_steps, int) \
+            or teacher_steps < steps or teacher_steps % steps:
+        raise ValueError(f"teacher_steps must be a multiple of steps ({steps}): the teacher's "
+                         f"grid has to land on the student's, got {teacher_steps!r}")
+    return teacher_steps // steps
+
+
+def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None = None,
+                       w_min: float = 0.0, w_max: float = 4.0, updates: int = 400,
+                       batch_size: int = 128, lr: float = 2e-4, weighting: str = "snr_trunc",
+                       ema_decay: float = 0.995, grad_clip: float = 1.0,
+                       schedule: Schedule | None = None, autocast=None, seed: int = 0,
+                       progress: bool = True, device=None) -> RoundResult:
     """A student for the stochastic N-step sampler (the paper's variant of stage 2).
 
     The stochastic sampler evaluates the student at t = i/N but steps 2/N (to (i−2)/N) for
-    i ≥ 2, and 1/N (to 0) for i = 1. What is implemented: `teacher` is the deterministic
-    N-step stage-2 student (steps of 1/N), and the new student, initialised from it, learns
-
-        i ≥ 2:  ṽ = pd_target(z_t, v̂₁, v̂₂, φ_t, φ_{t−1/N}, φ_{t−2/N})  (two teacher steps)
-        i = 1:  ṽ = v̂₁                                                (the teacher's step)
-
-    with w ~ U[w_min, w_max] per example and the PD loss (`distill_loss`, `weighting`). This
-    costs what a PD round costs (two teacher passes per update). The paper's own variant
-    distils from the 2N-step model (four of its steps per 2/N); taking two steps of the N-step
-    student instead is cheaper and inherits that student's error. Returns RoundResult(student
-    = EMA weights, steps = N, teacher_steps = N, history with the held-out mismatch before
-    and after).
+    i ≥ 2, and 1/N (to 0) for i = 1. `teacher` is a w-conditioned stage-2 student on a grid of
+    `teacher_steps` = k·N steps (default: its `sample_steps`, the grid it was distilled for);
+    as in the paper, pass the 2N-step student (k = 2: four of its steps per 2/N, two for the
+    last step). k = 1 (the N-step student itself, two of its steps per 2/N) is cheaper and
+    inherits that student's error. The new student starts as a copy of the teacher and learns
+    `stochastic_target` (ṽ of the teacher's k- or 2k-step span) with w ~ U[w_min, w_max] per
+    example and the PD loss (`distill_loss`, `weighting`); an update costs 2k teacher passes.
+    Returns RoundResult(student = EMA weights, steps = N, teacher_steps = kN, history with the
+    held-out mismatch before and after).
     """
     from fastdiff.data import as_dataset
 
@@ -477,6 +495,12 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
     _needs_labels(teacher, dataset)
     if "w" not in getattr(_unwrap(teacher), "scalar_conds", ()):
         raise ValueError("teacher has no scalar condition 'w': pass a stage-2 student")
+    if teacher_steps is None:
+        teacher_steps = getattr(_unwrap(teacher), "sample_steps", None)
+        if teacher_steps is None:
+            raise ValueError("teacher_steps: the teacher has no `sample_steps`; say which grid "
+                             "it was distilled for (2 * steps for the paper's variant)")
+    _substeps(steps, teacher_steps)
     schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(teacher)
     teacher_module = _unwrap(teacher)
@@ -494,7 +518,7 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
                       schedule, label_dropout=0.0, use_labels=True, device=device,
                       extra_cond=draw_w)
     held_phi, held_target = stochastic_target(teacher, held.z_t, held.t, held.cond, steps,
-                                              schedule)
+                                              schedule, teacher_steps=teacher_steps)
 
     @torch.no_grad()
     def mismatch(model) -> float:
@@ -516,7 +540,8 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
         for group in opt.param_groups:
             group["lr"] = lr * linear_lr(k, updates, 0)
         cond = b.cond
-        phi_t, target = stochastic_target(teacher, b.z_t, b.t, cond, n, schedule, amp)
+        phi_t, target = stochastic_target(teacher, b.z_t, b.t, cond, n, schedule, amp,
+                                          teacher_steps=teacher_steps)
         with phase("student_forward"), amp:
             v_s = student(b.z_t, b.t.float(), **cond)
         with phase("target"):
@@ -537,7 +562,7 @@ def distill_stochastic(teacher, data, *, steps: int, w_min: float = 0.0, w_max: 
     history.heldout_mismatch.append(mismatch(out))
     out.schedule = schedule
     out.sample_steps = n
-    return RoundResult(student=out, steps=n, teacher_steps=n, history=history)
+    return RoundResult(student=out, steps=n, teacher_steps=teacher_steps, history=history)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -642,9 +667,10 @@ def _throughput_ratio(student, teacher, noise, labels, steps: int, w: float,
 
 def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8),
                     reference_steps: int = 64, start_steps: int = 16, w_min: float = 0.0,
-                    w_max: float = 4.0, stage1_updates: int = 2000, updates: int = 400,
+                    w_max: float = 4.0, stage1_updates: int = 4000, stage1_lr: float = 2e-3,
+                    stage1_ema_decay: float = 0.998, updates: int = 400,
                     stochastic_steps=(4,), stochastic_updates: int = 300,
-                    batch_size: int = 128, stage1_lr: float = 5e-4, lr: float = 5e-4,
+                    batch_size: int = 128, lr: float = 5e-4,
                     n_samples: int | None = None, draws: int = 4, teacher=None,
                     teacher_recipe=None, quick: bool = False, progress: bool = True,
                     log=print) -> Path:
@@ -664,7 +690,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
     `out/checkpoints/` and reloaded by a rerun. `quick=True`: a tiny teacher and a few
     updates (seconds to minutes; for tests, numbers meaningless).
     """
-    from fastdiff.checkpoint import CheckpointError, load, save
+    from fastdiff.checkpoint import CheckpointError, load, load_config, save
     from fastdiff.data import load_dataset
     from fastdiff.demo import TeacherRecipe, digits_teacher, eval_batch
     from fastdiff.metrics import DigitsFID
@@ -744,7 +770,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
 
     # -- stage 1 -------------------------------------------------------------------------
     settings = {"w_min": w_min, "w_max": w_max, "updates": stage1_updates, "lr": stage1_lr,
-                "balance_w": True,
+                "ema_decay": stage1_ema_decay, "balance_w": True,
                 "batch_size": batch_size, "eval_ws": list(ws),
                 "teacher": getattr(teacher, "config", None)}
     stage1 = reuse(ckpt / "stage1")
@@ -760,7 +786,8 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
 
             shutil.rmtree(ckpt)
         res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max, updates=stage1_updates,
-                               batch_size=batch_size, lr=stage1_lr, eval_ws=ws,
+                               batch_size=batch_size, lr=stage1_lr,
+                               ema_decay=stage1_ema_decay, eval_ws=ws,
                                progress=progress)
         stage1 = res.student
         s1_hist = asdict(res.history)
@@ -794,17 +821,23 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
     stoch_students = {}
     t_stoch = 0.0
     for N in stochastic_steps:
+        # the paper's variant: distilled from the 2N-step student (the N-step one if absent)
+        k = 2 if 2 * N in students else 1
         if N not in students or N < 2:
             continue
         path = ckpt / f"stochastic-{N:05d}"
+        wanted = {"teacher_steps": k * N, "updates": stochastic_updates, "lr": lr}
         m = reuse(path)
+        if m is not None and load_config(path).get("metadata", {}).get("settings") != wanted:
+            m = None
         if m is None:
-            r = distill_stochastic(students[N], data, steps=N, w_min=w_min, w_max=w_max,
-                                   updates=stochastic_updates, batch_size=batch_size, lr=lr,
-                                   progress=progress)
+            r = distill_stochastic(students[k * N], data, steps=N, teacher_steps=k * N,
+                                   w_min=w_min, w_max=w_max, updates=stochastic_updates,
+                                   batch_size=batch_size, lr=lr, progress=progress)
             m = r.student
             t_stoch += r.history.wall_time
-            save(m, path, metadata={"steps": N, "history": asdict(r.history)})
+            save(m, path, metadata={"steps": N, "settings": wanted,
+                                    "history": asdict(r.history)})
         stoch_students[N] = m
     timings["stochastic_train"] = t_stoch
 
@@ -881,10 +914,12 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
 
 Teacher: class-conditional UNet (v-prediction, cosine schedule, label dropout 0.1; config
 `{json.dumps(recipe)}`). Guidance convention v̂^w = (1+w) v̂(z,c) − w v̂(z,∅) (w = 0: plain
-conditional). Stage 1: {stage1_updates} updates, w ~ U[{w_min:g}, {w_max:g}], lr {stage1_lr};
+conditional). Stage 1: {stage1_updates} updates, w ~ U[{w_min:g}, {w_max:g}], lr {stage1_lr},
+EMA {stage1_ema_decay}, loss balanced across w (`balance_w`);
 stage 2: progressive distillation {start_steps} → 1 steps, {updates} updates per halving, lr
 {lr}, batch {batch_size}; stochastic-sampler students for N ∈ {list(stochastic_steps)}
-({stochastic_updates} updates each, teacher = the deterministic N-step student, see
+({stochastic_updates} updates each; teacher: the deterministic 2N-step student, four of its
+steps per 2/N as in the paper, or the N-step one where there is no 2N-step student; see
 `fastdiff.guided.distill_stochastic`).
 
 FID-digits: Fréchet distance in the features of a small digit classifier between {n} samples

@@ -446,7 +446,9 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
         done_path = Path(checkpoint_dir) / f"student-{steps // 2:05d}" if checkpoint_dir else None
         meta = _finished_round(done_path, steps) if done_path is not None else None
         if meta is not None:  # load() restores the student's schedule from the checkpoint
-            result = RoundResult(student=load(done_path), steps=steps // 2, teacher_steps=steps,
+            student = load(done_path)
+            student.sample_steps = steps // 2  # as a freshly distilled round's student has
+            result = RoundResult(student=student, steps=steps // 2, teacher_steps=steps,
                                  history=RoundHistory(**meta.get("history", {})))
         else:
             result = distill_round(current, data, teacher_steps=steps, updates=per_round[r],

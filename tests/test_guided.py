@@ -269,10 +269,42 @@ def test_stochastic_target_is_two_teacher_steps_then_the_last_step(stage1):
     assert float((target[:3] - v1[:3]).abs().max()) > 1e-3  # a 2/N step is not the 1/N step
 
 
+def test_stochastic_target_from_the_2n_step_teacher_is_four_of_its_steps(stage1):
+    """The paper's variant: teacher on the 2N grid, four 1/(2N) steps per 2/N, two at i = 1;
+    ṽ is the one-step v that lands on the teacher's end point."""
+    teacher = stage1.student
+    n = 4
+    t = torch.tensor([1.0, 0.5, 0.25, 0.75], dtype=torch.float64)
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
+    cond = {"y": torch.tensor([2, 1, 0, 1]), "w": torch.tensor([3.0, 0.0, 2.0, 1.0])}
+    phi_t, target = stochastic_target(teacher, z, t, cond, n, SCHED, teacher_steps=2 * n)
+    with torch.no_grad():
+        for b in range(4):
+            hops = 2 if b == 2 else 4                   # t = 1/N: two steps of 1/(2N) to 0
+            zb = z[b:b + 1].double()
+            cb = {k: v[b:b + 1] for k, v in cond.items()}
+            for j in range(hops):
+                s0, s1 = float(t[b]) - j / (2 * n), float(t[b]) - (j + 1) / (2 * n)
+                p0, p1 = (SCHED.phi(torch.tensor([x], dtype=torch.float64)) for x in (s0, s1))
+                v = teacher(zb.float(), torch.tensor([s0], dtype=torch.float32), **cb)
+                zb = ddim_step_reference(zb, v, p0, p1)
+            pe = SCHED.phi(torch.tensor([float(t[b]) - hops / (2 * n)], dtype=torch.float64))
+            dd = phi_t[b] - pe
+            ref = (torch.cos(dd) * z[b:b + 1].double() - zb) / torch.sin(dd)
+            torch.testing.assert_close(target[b:b + 1], ref.float(), atol=2e-5, rtol=1e-4)
+    # and it is not the N-step teacher's two-step target
+    _, two = stochastic_target(teacher, z, t, cond, n, SCHED, teacher_steps=n)
+    assert float((two - target).abs().max()) > 1e-4
+
+
 def test_distill_stochastic_trains_a_student_for_the_sampler(stage1, data):
-    r = distill_stochastic(stage1.student, data, steps=4, updates=30, batch_size=64, lr=1e-3,
-                           progress=False)
-    assert r.steps == 4 and "w" in r.student.scalar_conds
+    with pytest.raises(ValueError, match="teacher_steps: the teacher has no `sample_steps`"):
+        distill_stochastic(stage1.student, data, steps=4, updates=1)
+    with pytest.raises(ValueError, match="teacher_steps must be a multiple of steps"):
+        distill_stochastic(stage1.student, data, steps=4, teacher_steps=6, updates=1)
+    r = distill_stochastic(stage1.student, data, steps=4, teacher_steps=8, updates=30,
+                           batch_size=64, lr=1e-3, progress=False)
+    assert r.steps == 4 and r.teacher_steps == 8 and "w" in r.student.scalar_conds
     losses = r.history.loss
     assert all(math.isfinite(v) for v in losses) and losses[0] > 0
     assert sum(losses[-10:]) < sum(losses[:10])

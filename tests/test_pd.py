@@ -103,6 +103,7 @@ def test_progressive_distill_halves_down_and_skips_finished_rounds(toy, tmp_path
         for p, q in zip(a.student.parameters(), b.student.parameters()):
             assert torch.equal(p, q)
         assert b.history.wall_time == pytest.approx(a.history.wall_time)
+        assert b.student.sample_steps == a.student.sample_steps == a.steps
 
 
 RUN = """
