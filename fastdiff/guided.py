@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -662,7 +663,8 @@ def _throughput_ratio(student, teacher, noise, labels, steps: int, w: float,
     med_s, med_t = sorted(t_s)[len(t_s) // 2], sorted(t_t)[len(t_t) // 2]
     n = len(labels)
     return {"student_samples_per_s": n / med_s, "teacher_samples_per_s": n / med_t,
-            "ratio": med_t / med_s, "steps": steps, "batch": n, "repeats": repeats}
+            "ratio": med_t / med_s, "steps": steps, "batch": n, "repeats": repeats,
+            "device": str(noise.device)}
 
 
 def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8),
@@ -828,8 +830,11 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
         path = ckpt / f"stochastic-{N:05d}"
         wanted = {"teacher_steps": k * N, "updates": stochastic_updates, "lr": lr}
         m = reuse(path)
-        if m is not None and load_config(path).get("metadata", {}).get("settings") != wanted:
+        meta = load_config(path).get("metadata", {}) if m is not None else {}
+        if meta.get("settings") != wanted:
             m = None
+        else:  # reloaded: count its original training time, as for stages 1 and 2
+            t_stoch += meta.get("history", {}).get("wall_time", 0.0)
         if m is None:
             r = distill_stochastic(students[k * N], data, steps=N, teacher_steps=k * N,
                                    w_min=w_min, w_max=w_max, updates=stochastic_updates,
@@ -858,6 +863,11 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
         save_grid(g, out / f"student-{four}steps-w{w:g}.png", nrow=10)
         g = sample(teacher, grid_noise, four, cond={"y": grid_labels}, guidance=float(w))
         save_grid(g, out / f"teacher-{four}steps-w{w:g}.png", nrow=10)
+        if four in stoch_students:
+            g = sample(stoch_students[four], grid_noise, four, sampler="stochastic",
+                       cond={"y": grid_labels, "w": gw},
+                       generator=torch.Generator().manual_seed(99))
+            save_grid(g, out / f"stochastic-{four}steps-w{w:g}.png", nrow=10)
 
     # -- throughput: one pass per step vs two ------------------------------------------------
     N_t = 4 if 4 in students else min(students)
@@ -960,18 +970,21 @@ results.
 ## Cost
 
 Sampling throughput at {thr['steps']} steps, batch {thr['batch']}, w = {ws[-1]:g} (median of
-{thr['repeats']}, timed alternately on a shared, contended 2-core CPU): distilled student
+{thr['repeats']}, timed alternately so that machine load hits both alike; {torch.get_num_threads()}
+threads on {os.cpu_count()} CPUs, {thr['device']}): distilled student
 {thr['student_samples_per_s']:.0f} samples/s (1 pass per step), guided teacher
 {thr['teacher_samples_per_s']:.0f} samples/s (2 passes per step, one batch of 2B):
 **ratio {thr['ratio']:.2f}×**.
 
-Wall time (contended CPU): teacher evaluation {timings['teacher_eval']:.0f} s, stage 1
+Wall time: teacher evaluation {timings['teacher_eval']:.0f} s, stage 1
 {timings['stage1_train']:.0f} s, stage 2 {timings['stage2_train']:.0f} s, stochastic students
 {timings['stochastic_train']:.0f} s; whole run {total:.0f} s (reloaded stages count 0 or their
 original time).
 
 Grids (rows = digits 0–9): {", ".join(f"[student {four} w={w:g}](student-{four}steps-w{w:g}.png)"
                                      for w in ws)}; {", ".join(
+        f"[stochastic-trained student {four} w={w:g}](stochastic-{four}steps-w{w:g}.png)"
+        for w in ws if four in stoch_students)}; {", ".join(
         f"[teacher {reference_steps} w={w:g}](teacher-{reference_steps}steps-w{w:g}.png)"
         for w in ws)}; {", ".join(f"[teacher {four} w={w:g}](teacher-{four}steps-w{w:g}.png)"
                                  for w in ws)}.
