@@ -358,7 +358,9 @@ def main(argv=None) -> int:
     """`python -m fastdiff.distributed [--timeout-s S] COMMAND ...` (under torchrun).
 
     COMMAND is `distill` or `train-teacher` with the flags of the `fastdiff` CLI. Exit codes:
-    0 done, 2 a usage error, 1 a failed collective (another rank died or timed out).
+    0 done, 2 a usage error, 1 a failed collective (another rank died or timed out): the
+    process then exits at once, without tearing down the broken process group
+    (`_exit_without_teardown`).
     """
     from fastdiff.cli import USER_ERRORS, build_parser
 
@@ -397,10 +399,24 @@ def main(argv=None) -> int:
         print(f"fastdiff.distributed: rank {rank}: error: a collective failed, so another "
               f"rank died or stalled for more than {own.timeout_s:g} s ({_first_line(e)}). "
               "Rerun the same command to resume from the last checkpoint.", file=sys.stderr)
-        return 1
+        _exit_without_teardown(1)
     finally:
         cleanup(sync=ok)
     return 0
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Leave the process at once with `code`, skipping the process group's teardown.
+
+    After a failed collective the group is broken: destroying it, or letting the interpreter
+    destroy it at exit, can abort the process from gloo's threads (SIGABRT, "terminate called
+    without an active exception", seen in the killed-rank test), which
+    would hide the exit code and the message. Checkpoints are already whole on disk (atomic
+    writes), so nothing is lost by not running destructors; output is flushed first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _first_line(e: BaseException) -> str:
