@@ -3,8 +3,9 @@
 The engine is PyTorch's own: a process group from torchrun's environment (NCCL on CUDA, gloo
 on CPU), the student in DistributedDataParallel, the teacher replicated and frozen (plain
 module: no DDP wrapper, no gradient buckets, it never sees a collective). fastdiff's loops
-do the rest (`fastdiff.pd.distill_round`, `progressive_distill`, `training.train_teacher`
-take `rank`, `world_size` and `wrap_student` (`wrap_model` in train_teacher)):
+do the rest (`fastdiff.pd.distill_round`, `progressive_distill`, `training.train_teacher`,
+`fastdiff.guided.distill_guidance` and `distill_guided_cli` take `rank`, `world_size` and
+`wrap_student` (`wrap_model` in train_teacher)):
 
 - every update's randomness is drawn for the GLOBAL batch from a hash of (seed, round,
   update) and each rank keeps its slice `[rank·B/K, (rank+1)·B/K)`, so K ranks with global
@@ -25,6 +26,7 @@ take `rank`, `world_size` and `wrap_student` (`wrap_model` in train_teacher)):
 Entry point (same flags as the `fastdiff` CLI, plus `--timeout-s`)::
 
     torchrun --nproc-per-node=8 -m fastdiff.distributed distill --teacher T --data D --out O
+    torchrun --nproc-per-node=8 -m fastdiff.distributed distill --guided --teacher T ...
     torchrun --nproc-per-node=8 -m fastdiff.distributed train-teacher --data D --out T
 """
 
@@ -291,12 +293,16 @@ def _cmd_distill(args, info: DistInfo) -> None:
     from fastdiff.data import load_dataset
     from fastdiff.pd import progressive_distill
 
-    if args.guided:
-        raise ValueError("guided distillation does not run under torchrun yet (its loop has "
-                         "no rank/world_size/wrap_student hooks); run it in one process")
     teacher = load(args.teacher).to(info.device)
     data = load_dataset(args.data, seed=args.seed)
     out = Path(args.out)
+    wrap = ddp_wrapper(info.device) if info.world_size > 1 else None
+    if args.guided:
+        from fastdiff.guided import distill_guided_cli
+
+        distill_guided_cli(teacher, data, args, rank=info.rank, world_size=info.world_size,
+                           wrap_student=wrap, device=info.device)
+        return
 
     def on_round(result):
         h = result.history
@@ -305,7 +311,6 @@ def _cmd_distill(args, info: DistInfo) -> None:
                    f" -> {(h.heldout_mismatch or [float('nan')])[-1]:.4g}, ended by "
                    f"{h.stopped_by} (resumed from update {h.resumed_from})")
 
-    wrap = ddp_wrapper(info.device) if info.world_size > 1 else None
     results = progressive_distill(
         teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
         updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,

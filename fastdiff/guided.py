@@ -53,6 +53,7 @@ from fastdiff.pd import (
     draw_batch,
     progressive_distill,
     update_generator,
+    wrap_replicated,
 )
 from fastdiff.profiling import phase
 from fastdiff.samplers import sample
@@ -149,14 +150,20 @@ class _Draw:
 
 
 def _draw_stage1(examples, labels, batch: int, gen: torch.Generator, schedule: Schedule,
-                 w_min: float, w_max: float, *, label_dropout: float, device) -> _Draw:
-    """All of one update's randomness from `gen` (a pure function of seed and update index)."""
+                 w_min: float, w_max: float, *, label_dropout: float, device, rank: int = 0,
+                 world: int = 1) -> _Draw:
+    """All of one update's randomness for the global `batch` from `gen` (a pure function of
+    seed and update index), of which this rank keeps its slice: K ranks see what one
+    process sees."""
     n = examples.shape[0]
     idx = torch.randint(0, n, (batch,), generator=gen)
     t = torch.rand(batch, generator=gen, dtype=torch.float64)
     eps = torch.randn((batch, *examples.shape[1:]), generator=gen)
     w = w_min + (w_max - w_min) * torch.rand(batch, generator=gen)
     drop = torch.rand(batch, generator=gen) < label_dropout
+    per = batch // world
+    sl = slice(rank * per, (rank + 1) * per)
+    idx, t, eps, w, drop = idx[sl], t[sl], eps[sl], w[sl], drop[sl]
     x = examples[idx].to(device)
     y = torch.where(drop, torch.full_like(labels[idx], -1), labels[idx]).to(device)
     t = t.to(device)
@@ -238,7 +245,8 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                      compile: bool = False, seed: int = 0, eval_every: int = 100,
                      heldout_size: int = 512, eval_ws=(0.0, 1.0, 2.0, 4.0),
                      progress: bool = True, device=None,
-                     student: nn.Module | None = None) -> GuidanceResult:
+                     student: nn.Module | None = None, rank: int = 0, world_size: int = 1,
+                     wrap_student=None) -> GuidanceResult:
     """Stage 1 of Meng et al.: one network that predicts the guided v̂^w in one pass.
 
     Guidance convention: v̂^w(z, c) = (1 + w) v̂(z, c) − w v̂(z, ∅); w = 0 is the plain
@@ -253,8 +261,12 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     label (its target is v̂(z, ∅) for every w); w_scale: multiplies w before the Fourier
     features; balance_w: divide each example's loss by (1 + max(w, 0))², the growth of its
     target's scale with w, so that every w counts by its *relative* error (without it the
-    large-w examples dominate the loss and the w = 0 output drifts from the teacher it started
-    as); student: start from this module instead of a copy of the teacher.
+    large-w examples dominate the loss and the w = 0 output drifts from the teacher it
+    started as); student: start from this module instead of a copy of the teacher; rank,
+    world_size, wrap_student: data parallelism as in `fastdiff.pd.distill_round` (batch_size
+    is the global batch, each rank trains on its slice, `wrap_student`, e.g.
+    `fastdiff.distributed.ddp_wrapper(device)`, averages the gradients, so K ranks train what
+    one process trains).
 
     The student is a deep copy of the teacher with `add_scalar_condition(student, "w")`
     (zero-initialised, so it starts exactly as the teacher). Each update's randomness is a
@@ -274,6 +286,9 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by the world size "
+                         f"({world_size}): it is the global batch")
     if not callable(teacher):
         raise TypeError("teacher must be a callable model(z, t, y=labels) -> v_hat")
     dataset = as_dataset(data)
@@ -302,17 +317,18 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                             device=device)
     history.initial_error = held.errors(student.eval(), eval_ws)
     student.train()
-    train_model = maybe_compile(student, compile)
+    train_model = wrap_replicated(maybe_compile(student, compile), student, wrap_student)
     amp = autocast_for(device, autocast)
     examples, labels = dataset.train, dataset.train_labels
-    bar = Progress(updates, "guidance (stage 1)", progress)
+    bar = Progress(updates, "guidance (stage 1)", progress and rank == 0)
     pending = []
     t0 = time.perf_counter()
     for k in range(updates):
         gen = update_generator(seed, "guided-stage1", k)
         with phase("data"):
             d = _draw_stage1(examples, labels, batch_size, gen, schedule, w_min, w_max,
-                             label_dropout=label_dropout, device=device)
+                             label_dropout=label_dropout, device=device, rank=rank,
+                             world=world_size)
         for group in opt.param_groups:
             group["lr"] = lr * linear_lr(k, updates, warmup)
         v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y, amp)
@@ -325,14 +341,14 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         optimizer_update(loss, student, opt, ema, grad_clip)
         pending.append(loss.detach())
         if len(pending) == LOG_EVERY:  # a loss read-back syncs a GPU: batch them
-            flush_losses(pending, history.loss)
+            flush_losses(pending, history.loss, world_size)
         bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
         if (k + 1) % eval_every == 0 or k + 1 == updates:
             with phase("eval"):
                 errs = held.errors(ema.shadow, eval_ws)
             history.eval_updates.append(k + 1)
             history.heldout_error.append(sum(errs.values()) / len(errs))
-    flush_losses(pending, history.loss)
+    flush_losses(pending, history.loss, world_size)
     bar.close()
     history.wall_time = time.perf_counter() - t0
     history.updates_done = updates
@@ -569,23 +585,32 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
 # --------------------------------------------------------------------------- CLI
 
 
-def distill_guided_cli(teacher, data, args) -> None:
+def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
+                       wrap_student=None, device=None) -> None:
     """`fastdiff distill --guided`: stage 1, then stage 2 down to `--end-steps`; resumable.
 
     Writes `<out>/stage1` (the w-conditioned one-pass model), `<out>/checkpoints/` (rounds)
     and `<out>/student` (the final few-step student). Stage 1 trains `--stage1-updates`
     updates at `--stage1-lr` with the teacher's own "snr+1" weighting; stage 2 uses
     `--updates`, `--lr` and `--weighting`. A rerun reloads a finished stage 1 trained with
-    the same settings, and finished rounds.
+    the same settings, and finished rounds. rank, world_size, wrap_student, device: data
+    parallelism under torchrun (`python -m fastdiff.distributed distill --guided ...`); only
+    rank 0 prints and writes.
     """
     from fastdiff.checkpoint import CheckpointError, load, save
 
+    def say(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
     out = Path(args.out)
     w_min, w_max = _check_w_range(args.w_min, args.w_max)
-    quiet = bool(getattr(args, "quiet", False))
+    quiet = bool(getattr(args, "quiet", False)) or rank != 0
     stage1_path = out / "stage1"
     stage1_updates = getattr(args, "stage1_updates", None) or args.updates
     stage1_lr = getattr(args, "stage1_lr", None) or args.lr
+    parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
+                "device": device}
     stage1 = None
     if stage1_path.exists():
         try:
@@ -597,30 +622,38 @@ def distill_guided_cli(teacher, data, args) -> None:
             if (meta.get("updates"), meta.get("lr")) != (stage1_updates, stage1_lr):
                 raise CheckpointError(f"it was trained with {meta.get('updates')} updates at "
                                       f"lr {meta.get('lr')}")
-            print(f"stage 1: reusing {stage1_path}")
+            say(f"stage 1: reusing {stage1_path}")
         except (CheckpointError, OSError, ValueError) as e:
-            print(f"stage 1: retraining ({stage1_path} unusable: {e})")
+            say(f"stage 1: retraining ({stage1_path} unusable: {e})")
             stage1 = None
+    if world_size > 1:
+        from fastdiff.distributed import check_same
+
+        check_same(stage1 is None, "whether stage 1 must be trained")
     if stage1 is None:
         res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max,
                                updates=stage1_updates, batch_size=args.batch_size,
-                               lr=stage1_lr, seed=args.seed, progress=not quiet)
+                               lr=stage1_lr, seed=args.seed, progress=not quiet, **parallel)
         stage1 = res.student
         h = res.history
         errs = ", ".join(f"w={w:g}: {h.initial_error[w]:.3g} -> {e:.3g}"
                          for w, e in h.final_error.items())
-        print(f"stage 1: {h.updates_done} updates, {h.wall_time:.0f} s; relative error vs the "
-              f"guided teacher on held-out z_t: {errs}")
-        save(stage1, stage1_path, metadata={"w_min": w_min, "w_max": w_max,
-                                            "updates": stage1_updates, "lr": stage1_lr,
-                                            "history": asdict(h)})
+        say(f"stage 1: {h.updates_done} updates, {h.wall_time:.0f} s; relative error vs the "
+            f"guided teacher on held-out z_t: {errs}")
+        if rank == 0:
+            save(stage1, stage1_path, metadata={"w_min": w_min, "w_max": w_max,
+                                                "updates": stage1_updates, "lr": stage1_lr,
+                                                "world_size": world_size,
+                                                "history": asdict(h)})
+    elif device is not None:
+        stage1 = stage1.to(device)
     stage1.schedule = getattr(stage1, "schedule", None) or getattr(teacher, "schedule", None)
 
     def on_round(result):
         h = result.history
-        print(f"stage 2 round {result.teacher_steps} -> {result.steps} steps: "
-              f"{h.updates_done} updates, {h.wall_time:.0f} s, held-out mismatch "
-              f"{h.initial_mismatch:.4g} -> {(h.heldout_mismatch or [float('nan')])[-1]:.4g}")
+        say(f"stage 2 round {result.teacher_steps} -> {result.steps} steps: "
+            f"{h.updates_done} updates, {h.wall_time:.0f} s, held-out mismatch "
+            f"{h.initial_mismatch:.4g} -> {(h.heldout_mismatch or [float('nan')])[-1]:.4g}")
 
     options = {k: getattr(args, k) for k in ("tolerance", "patience", "eval_every",
                                              "checkpoint_every", "compile")
@@ -629,12 +662,15 @@ def distill_guided_cli(teacher, data, args) -> None:
         stage1, data, w_min=w_min, w_max=w_max, start_steps=args.start_steps,
         end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size, lr=args.lr,
         weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
-        checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round, **options)
+        checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round,
+        **parallel, **options)
     final = results[-1]
-    save(final.student, out / "student",
-         metadata={"steps": final.steps, "guided": True, "w_min": w_min, "w_max": w_max})
-    print(f"guided student for {final.steps} step(s) saved to {out / 'student'}; sample it "
-          f"with cond={{'y': labels, 'w': weights}} (one pass per step)")
+    if rank == 0:
+        save(final.student, out / "student",
+             metadata={"steps": final.steps, "guided": True, "w_min": w_min, "w_max": w_max,
+                       "world_size": world_size})
+    say(f"guided student for {final.steps} step(s) saved to {out / 'student'}; sample it "
+        f"with cond={{'y': labels, 'w': weights}} (one pass per step)")
 
 
 # --------------------------------------------------------------------------- demo

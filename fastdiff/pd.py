@@ -125,6 +125,23 @@ def draw_batch(examples, labels, student_steps: int, global_batch: int, gen, sch
     return PDBatch(z_t=z_t, t=t, y=y, extra=extra)
 
 
+def wrap_replicated(train_model, student: nn.Module, wrap_student):
+    """`wrap_student(train_model)` (e.g. DistributedDataParallel), or `train_model` if None.
+
+    Refuses a wrapper that shards the student's parameters (FSDP): the training loops build
+    their optimizer, EMA and rank-0 checkpoints on full local parameters."""
+    if wrap_student is None:
+        return train_model
+    wrapped = wrap_student(train_model)
+    if any(hasattr(p, "placements") for p in student.parameters()):
+        raise NotImplementedError(
+            "wrap_student sharded the student's parameters (FSDP): fastdiff's distillation "
+            "loops build their optimizer, EMA and rank-0 checkpoints on full local parameters, "
+            "so use a replicating wrapper (fastdiff.distributed.ddp_wrapper); see "
+            "fsdp_wrapper's docstring for what FSDP needs")
+    return wrapped
+
+
 def student_times(t: torch.Tensor, student_steps: int):
     """t' = t − ½/N and t'' = t − 1/N (N = student steps): the teacher's two half steps."""
     return t - 0.5 / student_steps, t - 1.0 / student_steps
@@ -323,15 +340,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     if start == 0:
         history.initial_mismatch = heldout.mismatch(student)
 
-    train_model = maybe_compile(student, compile)
-    if wrap_student is not None:  # e.g. DistributedDataParallel
-        train_model = wrap_student(train_model)
-        if any(hasattr(p, "placements") for p in student.parameters()):
-            raise NotImplementedError(
-                "wrap_student sharded the student's parameters (FSDP): distill_round builds "
-                "its optimizer, EMA and rank-0 checkpoints on full local parameters, so use a "
-                "replicating wrapper (fastdiff.distributed.ddp_wrapper); see fsdp_wrapper's "
-                "docstring for what FSDP needs")
+    train_model = wrap_replicated(maybe_compile(student, compile), student, wrap_student)
     amp = autocast_for(device, autocast)
     world = world_size
     bar = Progress(updates, f"distill {teacher_steps}->{steps}", progress and rank == 0,

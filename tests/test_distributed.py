@@ -55,6 +55,51 @@ def _run_round(rank=0, world=1, wrap=None, ckpt=None, teacher=None, **kw):
                          wrap_student=wrap, checkpoint_dir=ckpt, **{**ROUND, **kw})
 
 
+GUIDED = dict(w_min=0.0, w_max=4.0, updates=5, batch_size=64, lr=3e-3, eval_every=5,
+              heldout_size=128, seed=2, progress=False)
+GUIDED_CLI = ["distill", "--guided", "--start-steps", "2", "--end-steps", "1", "--updates",
+              "3", "--stage1-updates", "4", "--batch-size", "32", "--seed", "4", "--quiet"]
+
+
+def _guided_teacher():
+    """A class-conditional MLP whose conditional and null outputs differ (guidance matters)."""
+    from fastdiff.models import MLP
+
+    torch.manual_seed(2)
+    m = MLP(dim=2, hidden=32, depth=2, num_classes=3)
+    with torch.no_grad():
+        m.out.weight.normal_(0, 0.3)
+        m.cond.classes.weight.normal_(0, 1.0)
+    return m.eval()
+
+
+def _blobs_file(path: Path) -> Path:
+    """Three labelled Gaussian blobs in 2-D as a user's `.npz` (x, y)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (400,), generator=g)
+    x = torch.tensor([[1.0, 0.0], [-0.5, 0.8], [-0.5, -0.8]])[y] + 0.15 * torch.randn(
+        400, 2, generator=g)
+    np.savez(path, x=x.numpy(), y=y.numpy())
+    return path
+
+
+def _run_guided(data_path, rank=0, world=1, wrap=None):
+    from fastdiff.data import load_dataset
+    from fastdiff.guided import distill_guidance
+
+    return distill_guidance(_guided_teacher(), load_dataset(data_path), rank=rank,
+                            world_size=world, wrap_student=wrap, **GUIDED)
+
+
+def _guided_cli_args(tmp: Path, out: str):
+    from fastdiff.cli import build_parser
+
+    return build_parser().parse_args([*GUIDED_CLI, "--teacher", str(tmp / "guided-teacher"),
+                                      "--data", str(tmp / "blobs.npz"), "--out", str(tmp / out)])
+
+
 def _fsdp_checks(info, ref_student):
     """FSDP2 on gloo: a plain loop matches DDP; an FSDP-sharded frozen teacher works in
     distill_round; a sharded student is refused with a clear error."""
@@ -127,7 +172,15 @@ def worker_round(out: str) -> None:
     teacher = _train_teacher(info.rank, info.world_size, ddp_wrapper(info.device))
     r = _run_round(info.rank, info.world_size, ddp_wrapper(info.device), out / "ckpt")
     _fsdp_checks(info, r.student)
+    # guided distillation: stage 1 from the library, then the CLI's two stages
+    from fastdiff.distributed import _cmd_distill
+
+    g = _run_guided(out / "blobs.npz", info.rank, info.world_size, ddp_wrapper(info.device))
+    _cmd_distill(_guided_cli_args(out, "guided-run"), info)
     if info.is_main:
+        save_file({k: v.contiguous() for k, v in g.student.state_dict().items()},
+                  str(out / "guided.safetensors"))
+        (out / "guided-history.json").write_text(json.dumps({"loss": g.history.loss}))
         for name, model in (("student", r.student), ("teacher", teacher)):
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       str(out / f"{name}.safetensors"))
@@ -196,6 +249,12 @@ def _assert_same_weights(got: dict, ref):
 def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     from safetensors.torch import load_file
 
+    from fastdiff.checkpoint import load, save
+    from fastdiff.data import load_dataset
+    from fastdiff.guided import distill_guided_cli
+
+    save(_guided_teacher(), tmp_path / "guided-teacher")
+    _blobs_file(tmp_path / "blobs.npz")
     cmd = [TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={_free_port()}", __file__, "round", str(tmp_path)]
     p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -216,6 +275,21 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     # rank 0 wrote every checkpoint (updates 2 and 4 of 6); rank 1 never called the writer
     assert (tmp_path / "writes-rank0.txt").read_text().split("\n")[:-1] == ["0 2", "0 4"]
     assert not (tmp_path / "writes-rank1.txt").exists()
+
+    # guided stage 1 on 2 ranks trains what one process trains with the same global batch
+    g = _run_guided(tmp_path / "blobs.npz")
+    _assert_same_weights(load_file(str(tmp_path / "guided.safetensors")), g.student)
+    torch.testing.assert_close(
+        torch.tensor(json.loads((tmp_path / "guided-history.json").read_text())["loss"]),
+        torch.tensor(g.history.loss), rtol=1e-5, atol=1e-7)
+    # ...and so does `distill --guided` under torchrun (stage 1, then 2 -> 1 steps)
+    distill_guided_cli(load(tmp_path / "guided-teacher"),
+                       load_dataset(tmp_path / "blobs.npz", seed=4),  # the CLI's --seed 4
+                       _guided_cli_args(tmp_path, "guided-one"))
+    for part in ("stage1", "student"):
+        two, one = load(tmp_path / "guided-run" / part), load(tmp_path / "guided-one" / part)
+        assert "w" in two.scalar_conds
+        _assert_same_weights(two.state_dict(), one)
 
 
 @pytest.mark.slow  # ~20-40 s on the shared 2-core box: 2-3 Python processes

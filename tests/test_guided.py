@@ -322,6 +322,8 @@ def test_bad_arguments_raise_naming_them(data):
         distill_guidance(teacher, data, w_min=-2.0, updates=1)
     with pytest.raises(ValueError, match="updates"):
         distill_guidance(teacher, data, updates=0)
+    with pytest.raises(ValueError, match=r"batch_size \(63\) must be divisible by the world"):
+        distill_guidance(teacher, data, batch_size=63, world_size=2, updates=1)
     with pytest.raises(ValueError, match="class-labelled"):
         distill_guidance(teacher, data.train, updates=1)
     with pytest.raises(ValueError, match="class-conditional teacher"):
