@@ -51,7 +51,10 @@ from fastdiff.pd import (
     RoundHistory,
     RoundResult,
     draw_batch,
+    load_training_state,
     progressive_distill,
+    save_training_state,
+    settings_fingerprint,
     update_generator,
     wrap_replicated,
 )
@@ -246,7 +249,8 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                      heldout_size: int = 512, eval_ws=(0.0, 1.0, 2.0, 4.0),
                      progress: bool = True, device=None,
                      student: nn.Module | None = None, rank: int = 0, world_size: int = 1,
-                     wrap_student=None) -> GuidanceResult:
+                     wrap_student=None, checkpoint_dir=None,
+                     checkpoint_every: int = 200) -> GuidanceResult:
     """Stage 1 of Meng et al.: one network that predicts the guided v̂^w in one pass.
 
     Guidance convention: v̂^w(z, c) = (1 + w) v̂(z, c) − w v̂(z, ∅); w = 0 is the plain
@@ -266,7 +270,11 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     world_size, wrap_student: data parallelism as in `fastdiff.pd.distill_round` (batch_size
     is the global batch, each rank trains on its slice, `wrap_student`, e.g.
     `fastdiff.distributed.ddp_wrapper(device)`, averages the gradients, so K ranks train what
-    one process trains).
+    one process trains); checkpoint_dir: if given, the training state (student, EMA,
+    optimizer, position, history, a fingerprint of the settings) is written atomically to
+    `checkpoint_dir/stage1.state` every `checkpoint_every` updates and at the end (rank 0),
+    and a rerun with the same settings resumes from it and ends with the same student as an
+    uninterrupted run; a state from other settings is refused, naming the differences.
 
     The student is a deep copy of the teacher with `add_scalar_condition(student, "w")`
     (zero-initialised, so it starts exactly as the teacher). Each update's randomness is a
@@ -279,7 +287,8 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
 
     w_min, w_max = _check_w_range(w_min, w_max)
     for name, value in (("updates", updates), ("batch_size", batch_size),
-                        ("eval_every", eval_every), ("heldout_size", heldout_size)):
+                        ("eval_every", eval_every), ("heldout_size", heldout_size),
+                        ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if weighting not in WEIGHTINGS:
@@ -315,15 +324,43 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     history = GuidanceHistory()
     held = _HeldOutGuidance(teacher, dataset, schedule, size=heldout_size, seed=seed,
                             device=device)
-    history.initial_error = held.errors(student.eval(), eval_ws)
+    fingerprint = settings_fingerprint(
+        stage="guidance", w_min=w_min, w_max=w_max, updates=updates, batch_size=batch_size,
+        lr=lr, weighting=weighting, ema_decay=ema_decay, grad_clip=grad_clip, warmup=warmup,
+        label_dropout=label_dropout, w_scale=w_scale, balance_w=balance_w, seed=seed,
+        world_size=world_size, eval_every=eval_every, eval_ws=str(list(eval_ws)))
+    state_path = Path(checkpoint_dir) / "stage1.state" if checkpoint_dir is not None else None
+    start = 0
+    if state_path is not None and state_path.exists():
+        start, history = load_training_state(state_path, student=student, ema=ema, opt=opt,
+                                           fingerprint=fingerprint,
+                                           history_type=GuidanceHistory)
+        for name in ("initial_error", "final_error"):  # JSON made the w keys strings
+            setattr(history, name, {float(w): e for w, e in getattr(history, name).items()})
+    if world_size > 1:  # every rank resumes from the same update (shared checkpoint_dir)
+        from fastdiff.distributed import check_same
+
+        check_same(start, "the stage-1 update to resume at")
+    if start == 0:
+        history.initial_error = held.errors(student.eval(), eval_ws)
     student.train()
     train_model = wrap_replicated(maybe_compile(student, compile), student, wrap_student)
     amp = autocast_for(device, autocast)
     examples, labels = dataset.train, dataset.train_labels
-    bar = Progress(updates, "guidance (stage 1)", progress and rank == 0)
+    bar = Progress(updates, "guidance (stage 1)", progress and rank == 0, initial=start)
     pending = []
-    t0 = time.perf_counter()
-    for k in range(updates):
+    t0 = time.perf_counter() - history.wall_time
+
+    def save_state(k: int) -> None:
+        if state_path is not None and rank == 0:
+            flush_losses(pending, history.loss, world_size)
+            history.wall_time = time.perf_counter() - t0
+            history.updates_done = k
+            with phase("checkpoint"):
+                save_training_state(state_path, student=student, ema=ema, opt=opt, k=k,
+                                  history=history, fingerprint=fingerprint)
+
+    for k in range(start, updates):
         gen = update_generator(seed, "guided-stage1", k)
         with phase("data"):
             d = _draw_stage1(examples, labels, batch_size, gen, schedule, w_min, w_max,
@@ -348,6 +385,8 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                 errs = held.errors(ema.shadow, eval_ws)
             history.eval_updates.append(k + 1)
             history.heldout_error.append(sum(errs.values()) / len(errs))
+        if (k + 1) % checkpoint_every == 0 and k + 1 < updates:
+            save_state(k + 1)
     flush_losses(pending, history.loss, world_size)
     bar.close()
     history.wall_time = time.perf_counter() - t0
@@ -355,6 +394,8 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     history.samples_per_s = updates * batch_size / max(history.wall_time, 1e-9)
     out = ema.shadow
     history.final_error = held.errors(out, eval_ws)
+    if start < updates:
+        save_state(updates)  # a rerun after a crash past this point needs no training
     out.schedule = schedule
     return GuidanceResult(student=out, history=history)
 
@@ -593,7 +634,8 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     and `<out>/student` (the final few-step student). Stage 1 trains `--stage1-updates`
     updates at `--stage1-lr` with the teacher's own "snr+1" weighting; stage 2 uses
     `--updates`, `--lr` and `--weighting`. A rerun reloads a finished stage 1 trained with
-    the same settings, and finished rounds. rank, world_size, wrap_student, device: data
+    the same settings and finished rounds, and resumes an interrupted stage 1 or round from
+    its last state (`--checkpoint-every` updates). rank, world_size, wrap_student, device: data
     parallelism under torchrun (`python -m fastdiff.distributed distill --guided ...`); only
     rank 0 prints and writes.
     """
@@ -626,14 +668,29 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         except (CheckpointError, OSError, ValueError) as e:
             say(f"stage 1: retraining ({stage1_path} unusable: {e})")
             stage1 = None
+            stale = sorted((out / "checkpoints").glob("student-*")) + sorted(
+                (out / "checkpoints").glob("round-*.state"))
+            if stale and rank == 0:  # stage 2 of the old stage-1 model must not be reused
+                import shutil
+
+                say(f"stage 2: removing {len(stale)} round checkpoint(s) of the old stage 1")
+                for path in stale:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
     if world_size > 1:
         from fastdiff.distributed import check_same
 
         check_same(stage1 is None, "whether stage 1 must be trained")
     if stage1 is None:
+        state = {"checkpoint_dir": out / "checkpoints"}
+        if getattr(args, "checkpoint_every", None):
+            state["checkpoint_every"] = args.checkpoint_every
         res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max,
                                updates=stage1_updates, batch_size=args.batch_size,
-                               lr=stage1_lr, seed=args.seed, progress=not quiet, **parallel)
+                               lr=stage1_lr, seed=args.seed, progress=not quiet, **state,
+                               **parallel)
         stage1 = res.student
         h = res.history
         errs = ", ".join(f"w={w:g}: {h.initial_error[w]:.3g} -> {e:.3g}"
@@ -645,6 +702,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
                                                 "updates": stage1_updates, "lr": stage1_lr,
                                                 "world_size": world_size,
                                                 "history": asdict(h)})
+            (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
     elif device is not None:
         stage1 = stage1.to(device)
     stage1.schedule = getattr(stage1, "schedule", None) or getattr(teacher, "schedule", None)
@@ -819,17 +877,25 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
         s1_hist = meta.get("history", {})
         log("stage 1: reloaded")
     else:
-        if ckpt.exists():  # later stages were distilled from another stage-1 model
-            import shutil
+        import shutil
 
+        if ckpt.exists():  # later stages were distilled from another stage-1 model
             shutil.rmtree(ckpt)
-        res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max, updates=stage1_updates,
-                               batch_size=batch_size, lr=stage1_lr,
-                               ema_decay=stage1_ema_decay, eval_ws=ws,
-                               progress=progress)
+        # stage 1's own training state (resumable after a crash) lives beside `ckpt`
+        state_dir = out / "stage1-state"
+        options = dict(w_min=w_min, w_max=w_max, updates=stage1_updates, batch_size=batch_size,
+                       lr=stage1_lr, ema_decay=stage1_ema_decay, eval_ws=ws,
+                       progress=progress, checkpoint_dir=state_dir)
+        try:
+            res = distill_guidance(teacher, data, **options)
+        except CheckpointError as e:  # a state of other settings: start over
+            log(f"stage 1: not resuming ({e})")
+            shutil.rmtree(state_dir)
+            res = distill_guidance(teacher, data, **options)
         stage1 = res.student
         s1_hist = asdict(res.history)
         save(stage1, ckpt / "stage1", metadata={"history": s1_hist, "settings": settings})
+        shutil.rmtree(state_dir, ignore_errors=True)
     s1_err = {float(k): v for k, v in s1_hist.get("final_error", {}).items()}
     s1_init = {float(k): v for k, v in s1_hist.get("initial_error", {}).items()}
     timings["stage1_train"] = s1_hist.get("wall_time", float("nan"))

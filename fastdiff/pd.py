@@ -204,7 +204,8 @@ class HeldOut:
                                   weighting=self.weighting))
 
 
-def _round_fingerprint(**kw) -> dict:
+def settings_fingerprint(**kw) -> dict:
+    """The settings a training state belongs to, as JSON-safe values (compared on resume)."""
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
             for k, v in kw.items()}
 
@@ -213,7 +214,10 @@ def _state_path(checkpoint_dir, teacher_steps: int) -> Path:
     return Path(checkpoint_dir) / f"round-{teacher_steps:05d}-to-{teacher_steps // 2:05d}.state"
 
 
-def _save_round_state(path, *, student, ema, opt, k, history, fingerprint):
+def save_training_state(path, *, student, ema, opt, k, history, fingerprint):
+    """Write a loop's whole state atomically (safetensors + JSON, no pickle): the student
+    (unwrapped), EMA and optimizer state, the global RNG, the next update `k`, the history
+    dataclass and the settings fingerprint."""
     from fastdiff.checkpoint import flatten_state_dict, rng_state, save_state
 
     tensors, meta = {}, {}
@@ -227,7 +231,10 @@ def _save_round_state(path, *, student, ema, opt, k, history, fingerprint):
     save_state(path, tensors, meta)
 
 
-def _load_round_state(path, *, student, ema, opt, fingerprint):
+def load_training_state(path, *, student, ema, opt, fingerprint, history_type=None):
+    """Restore what `save_training_state` wrote into `student`, `ema`, `opt` and the RNG;
+    returns (k, history as `history_type`, default RoundHistory). A state written under
+    other settings raises CheckpointError listing the differences."""
     from fastdiff.checkpoint import CheckpointError, load_state, set_rng_state, unflatten_state_dict
 
     tensors, meta = load_state(path)
@@ -247,7 +254,7 @@ def _load_round_state(path, *, student, ema, opt, fingerprint):
     ema.shadow.load_state_dict(part("ema"))
     opt.load_state_dict(part("opt"))
     set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng/")})
-    return int(meta["update"]), RoundHistory(**meta["history"])
+    return int(meta["update"]), (history_type or RoundHistory)(**meta["history"])
 
 
 def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
@@ -318,7 +325,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
 
     opt = make_optimizer(student, lr)
     ema = EMA(student, ema_decay)
-    fingerprint = _round_fingerprint(teacher_steps=teacher_steps, updates=updates,
+    fingerprint = settings_fingerprint(teacher_steps=teacher_steps, updates=updates,
                                      batch_size=batch_size, lr=lr, weighting=weighting,
                                      ema_decay=ema_decay, seed=seed, world_size=world_size,
                                      tolerance=tolerance, label_dropout=label_dropout)
@@ -326,7 +333,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     start = 0
     state_path = _state_path(checkpoint_dir, teacher_steps) if checkpoint_dir else None
     if state_path is not None and state_path.exists():
-        start, history = _load_round_state(state_path, student=student, ema=ema, opt=opt,
+        start, history = load_training_state(state_path, student=student, ema=ema, opt=opt,
                                            fingerprint=fingerprint)
         history.resumed_from = start
     if world_size > 1:  # every rank must resume from the same update (shared checkpoint_dir)
@@ -388,7 +395,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             history.wall_time = time.perf_counter() - t0
             history.updates_done = k
             with phase("checkpoint"):
-                _save_round_state(state_path, student=student, ema=ema, opt=opt, k=k,
+                save_training_state(state_path, student=student, ema=ema, opt=opt, k=k,
                                   history=history, fingerprint=fingerprint)
     flush_losses(pending, history.loss, world_size)
     bar.close()

@@ -145,17 +145,19 @@ def _fsdp_checks(info, ref_student):
 
 
 def _count_checkpoint_writes(log: Path, rank: int):
-    """Patch pd's round-state writer so every call leaves a line in `log` (per rank)."""
+    """Patch the training-state writer (pd's, which guided imports) so every call leaves a
+    line in `log` (per rank)."""
+    import fastdiff.guided as guided
     import fastdiff.pd as pd
 
-    real = pd._save_round_state
+    real = pd.save_training_state
 
     def logged(path, **kw):
         with open(log, "a") as f:
-            f.write(f"{rank} {kw['k']}\n")
+            f.write(f"{rank} {kw['k']} {Path(path).name}\n")
         return real(path, **kw)
 
-    pd._save_round_state = logged
+    pd.save_training_state = guided.save_training_state = logged
 
 
 def worker_round(out: str) -> None:
@@ -272,8 +274,10 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(h["mismatch"]),
                                torch.tensor(ref.history.heldout_mismatch), rtol=1e-5, atol=1e-7)
-    # rank 0 wrote every checkpoint (updates 2 and 4 of 6); rank 1 never called the writer
-    assert (tmp_path / "writes-rank0.txt").read_text().split("\n")[:-1] == ["0 2", "0 4"]
+    # rank 0 wrote every checkpoint (the PD round's at updates 2 and 4 of 6, the guided CLI's
+    # stage 1 at its end, update 4); rank 1 never called the writer
+    assert (tmp_path / "writes-rank0.txt").read_text().split("\n")[:-1] == [
+        "0 2 round-00008-to-00004.state", "0 4 round-00008-to-00004.state", "0 4 stage1.state"]
     assert not (tmp_path / "writes-rank1.txt").exists()
 
     # guided stage 1 on 2 ranks trains what one process trains with the same global batch

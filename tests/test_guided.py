@@ -85,6 +85,42 @@ def test_stage1_learns_the_guided_output(stage1):
     assert all(math.isfinite(v) for v in h.loss) and h.loss[-1] > 0
 
 
+def test_stage1_resumes_after_a_crash_to_the_uninterrupted_student(tmp_path, data, monkeypatch):
+    import fastdiff.guided as guided
+    from fastdiff.checkpoint import CheckpointError
+
+    kw = dict(w_min=0.0, w_max=4.0, updates=20, batch_size=32, lr=3e-3, eval_every=5,
+              heldout_size=64, progress=False, checkpoint_every=5)
+    ref = distill_guidance(toy_teacher(), data, **kw)
+    real, calls = guided.optimizer_update, [0]
+
+    def crash_at_13(*a, **k):
+        if calls[0] == 12:
+            raise RuntimeError("simulated crash")
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(guided, "optimizer_update", crash_at_13)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distill_guidance(toy_teacher(), data, checkpoint_dir=tmp_path, **kw)
+    assert (tmp_path / "stage1.state").exists()
+    monkeypatch.setattr(guided, "optimizer_update", real)
+    resumed = distill_guidance(toy_teacher(), data, checkpoint_dir=tmp_path, **kw)
+    for (name, a), b in zip(resumed.student.state_dict().items(),
+                            ref.student.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history.loss == ref.history.loss  # updates 1-10 from the state, 11-20 anew
+    assert resumed.history.initial_error == ref.history.initial_error
+    assert resumed.history.final_error == ref.history.final_error
+    # finished: a rerun trains nothing; other settings are refused, naming the difference
+    monkeypatch.setattr(guided, "optimizer_update", crash_at_13)
+    calls[0] = 12
+    again = distill_guidance(toy_teacher(), data, checkpoint_dir=tmp_path, **kw)
+    assert again.history.loss == ref.history.loss
+    with pytest.raises(CheckpointError, match="'lr': \\(0.003, 0.001\\)"):
+        distill_guidance(toy_teacher(), data, checkpoint_dir=tmp_path, **{**kw, "lr": 1e-3})
+
+
 def test_balancing_w_keeps_the_w0_output_closer_to_the_teacher(stage1, data):
     """balance_w (default) weighs each w by its relative error; without it the large-w
     examples dominate and the w = 0 output, where the student started exact, drifts more."""
@@ -347,9 +383,12 @@ def test_cli_runs_both_stages_and_resumes(tmp_path, data, capsys):
     assert (tmp_path / "run" / "stage1").exists()
     distill_guided_cli(toy_teacher(), data, args)
     assert "stage 1: reusing" in capsys.readouterr().out
-    args.stage1_updates = 7  # other stage-1 settings: not reused
+    args.stage1_updates = 7  # other stage-1 settings: not reused, nor are its rounds
     distill_guided_cli(toy_teacher(), data, args)
-    assert "stage 1: retraining" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "stage 1: retraining" in printed
+    assert "stage 2: removing 1 round checkpoint(s) of the old stage 1" in printed
+    assert (tmp_path / "run" / "checkpoints" / "student-00001").is_dir()  # distilled again
     meta = json.loads((tmp_path / "run" / "stage1" / "config.json").read_text())["metadata"]
     assert meta["updates"] == 7 and meta["history"]["updates_done"] == 7
 
