@@ -179,7 +179,7 @@ def cmd_eval(args) -> None:
 
 def cmd_demo(args) -> None:
     if args.guided:
-        from fastdiff.guided import run_guided_demo
+        from fastdiff.guided_demo import run_guided_demo
 
         run_guided_demo(args.out, progress=not args.quiet)
         return
