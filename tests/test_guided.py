@@ -397,7 +397,7 @@ def test_cli_runs_both_stages_and_resumes(tmp_path, data, capsys):
 def test_guided_demo_quick_mode_writes_the_report(tmp_path):
     import json
 
-    from fastdiff.guided import run_guided_demo
+    from fastdiff.guided_demo import run_guided_demo
 
     report = run_guided_demo(tmp_path / "demo", quick=True, progress=False, log=lambda *a: None)
     text = report.read_text()
