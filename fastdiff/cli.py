@@ -104,7 +104,7 @@ def cmd_sample(args) -> None:
     import torch
 
     from fastdiff.report import save_grid, save_scatter
-    from fastdiff.samplers import sample
+    from fastdiff.samplers import guidance_inputs, sample
 
     model = _load_model(args.model)
     shape = _example_shape(model)
@@ -115,11 +115,7 @@ def cmd_sample(args) -> None:
         labels = (torch.full((args.n,), args.label, dtype=torch.long) if args.label is not None
                   else torch.arange(args.n) % model.num_classes)
         cond = {"y": labels}
-    guidance = args.guidance
-    if guidance is not None and "w" in getattr(model, "scalar_conds", ()):
-        # a guidance-distilled student takes w as an input: one pass per step, not two
-        cond["w"] = torch.full((args.n,), float(guidance))
-        guidance = None
+    cond, guidance = guidance_inputs(model, cond, args.guidance, args.n)
     x = sample(model, noise, args.steps, sampler=args.sampler, cond=cond, guidance=guidance,
                generator=g)
     out = Path(args.out)
@@ -155,15 +151,23 @@ def cmd_eval(args) -> None:
     rows = []
     if _is_digits(data):
         metric = DigitsFID.load()
-        from fastdiff.demo import digits_fid
+        from fastdiff.demo import digits_fid, eval_batch
 
+        if args.guidance is not None and not getattr(model, "num_classes", 0):
+            raise ValueError("--guidance needs a class-conditional model")
         for n in args.steps:
-            rows.append([n, args.sampler, digits_fid(model, n, metric, sampler=args.sampler)[0],
-                         metric.floor])
-        print(markdown_table(["steps", "sampler", "FID-digits", "floor"], rows))
+            fid, x = digits_fid(model, n, metric, sampler=args.sampler, guidance=args.guidance)
+            labels = eval_batch(len(x))[1]
+            accuracy = (metric.class_accuracy(x, labels) if getattr(model, "num_classes", 0)
+                        else None)
+            rows.append([n, args.sampler, fid, accuracy, metric.floor])
+        print(markdown_table(["steps", "sampler", "FID-digits", "class accuracy", "floor"],
+                             rows))
         return
     if data.shape != (2,):
         raise ValueError(f"eval knows FID-digits (digits) and 2-D metrics; got {data.name!r}")
+    if args.guidance is not None:
+        raise ValueError("--guidance is for class-conditional digits models")
     g = torch.Generator().manual_seed(args.seed)
     true = data.sample_true(args.n, generator=g) if data.has_true_sampler else data.held_out
     noise = torch.randn(args.n, 2, generator=g)
@@ -273,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_steps_list, default=[1, 2, 4, 8, 16, 32, 64],
                    help="comma-separated step counts")
     e.add_argument("--sampler", default="ddim", help="sampler")
+    e.add_argument("--guidance", type=float, default=None,
+                   help="guidance weight w (digits): classifier-free guidance for a teacher, "
+                        "the w input of a guidance-distilled student")
     e.add_argument("--n", type=int, default=2000, help="samples (2-D data)")
     common(e)
     e.set_defaults(func=cmd_eval)

@@ -21,7 +21,7 @@ from fastdiff.metrics import DigitsFID, cache_dir
 from fastdiff.models import UNet
 from fastdiff.pd import progressive_distill
 from fastdiff.report import markdown_table, save_curves, save_grid, write_text
-from fastdiff.samplers import sample
+from fastdiff.samplers import guidance_inputs, sample
 from fastdiff.training import train_teacher
 
 
@@ -90,10 +90,14 @@ def eval_batch(n: int, seed: int = 1234, num_classes: int = 10):
 
 
 def digits_fid(model, steps: int, metric: DigitsFID, *, sampler: str = "ddim", seed=1234,
-               n: int | None = None) -> tuple[float, torch.Tensor]:
-    """FID-digits of `model` sampled class-conditionally (uniform labels, no guidance)."""
+               n: int | None = None, guidance=None) -> tuple[float, torch.Tensor]:
+    """FID-digits of `model` sampled class-conditionally (balanced labels, `eval_batch`) at
+    guidance weight `guidance` (None: none; see `samplers.guidance_inputs`)."""
     noise, labels = eval_batch(n or metric.n_reference, seed)
-    x = sample(model, noise, steps, sampler=sampler, cond={"y": labels})
+    cond, guidance = guidance_inputs(model, {"y": labels}, guidance, len(labels))
+    # stochastic samplers draw their fresh noise from a generator seeded like the noise
+    x = sample(model, noise, steps, sampler=sampler, cond=cond, guidance=guidance,
+               generator=torch.Generator().manual_seed(seed))
     return metric.score(x), x
 
 

@@ -67,6 +67,21 @@ def time_grid(steps: int, schedule: Schedule | None = None, *, spacing: str = "u
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
+def guidance_inputs(model, cond: dict | None, guidance, batch: int) -> tuple[dict, object]:
+    """How to sample `model` at guidance weight w: `(cond, guidance)` for `sample`.
+
+    A guidance-distilled model (one with the scalar condition "w", `fastdiff.guided`) takes w
+    as an input, cond["w"] = w for each of the `batch` examples: one pass per step. Any other
+    model gets classifier-free guidance from `sample` (two passes per step). guidance None:
+    unchanged.
+    """
+    cond = dict(cond or {})
+    if guidance is not None and "w" in getattr(model, "scalar_conds", ()):
+        cond["w"] = torch.full((batch,), float(guidance))
+        return cond, None
+    return cond, guidance
+
+
 def guided_model(model: Callable, cond: dict | None, guidance) -> Callable:
     """Return f(z, t) -> v̂ with conditioning bound and classifier-free guidance applied.
 

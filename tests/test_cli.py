@@ -43,6 +43,9 @@ def test_sample_and_eval_on_a_saved_model(tmp_path, capsys):
                  "--steps", "1,2", "--n", "200"]) == 0
     table = capsys.readouterr().out
     assert "sliced Wasserstein" in table and table.count("\n| ") >= 2
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", "eight_gaussians",
+                 "--guidance", "2"]) == 2
+    assert "--guidance is for class-conditional digits" in capsys.readouterr().err
 
 
 def test_entry_point_runs():

@@ -104,6 +104,39 @@ def test_guidance_combines_conditional_and_unconditional():
     assert (calls[0][4:] == -1).all()
 
 
+def test_guidance_goes_to_the_w_input_of_a_distilled_student_and_cfg_otherwise():
+    """`guidance_inputs`: one pass with cond w for a w-conditioned model, CFG for others."""
+    from fastdiff.demo import digits_fid
+    from fastdiff.models import add_scalar_condition
+    from fastdiff.samplers import guidance_inputs
+
+    teacher = MLP(dim=2, hidden=8, depth=1, num_classes=3)
+    student = add_scalar_condition(MLP(dim=2, hidden=8, depth=1, num_classes=3), "w")
+    y = torch.tensor([0, 1, 2])
+    cond, g = guidance_inputs(student, {"y": y}, 2.5, 3)
+    assert g is None and torch.equal(cond["w"], torch.full((3,), 2.5)) and cond["y"] is y
+    assert guidance_inputs(teacher, {"y": y}, 2.5, 3) == ({"y": y}, 2.5)
+    assert guidance_inputs(student, {"y": y}, None, 3) == ({"y": y}, None)
+
+    class Metric:  # FID-digits stand-in: records what it scores
+        n_reference = 20
+
+        def score(self, x):
+            return float(x.abs().mean())
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        scalar_conds, num_classes = {"w": 1.0}, 10
+
+        def forward(self, z, t, y=None, w=None):
+            seen.append((z.shape[0], None if w is None else float(w[0])))
+            return torch.zeros_like(z)
+
+    digits_fid(Recorder(), 2, Metric(), n=20, guidance=3.0)
+    assert seen == [(20, 3.0), (20, 3.0)]  # one pass of 20 per step, w = 3 as an input
+
+
 def test_time_grids_are_decreasing_and_hit_the_ends():
     for spacing in ("uniform_t", "uniform_lambda", "edm"):
         for n in (1, 2, 7):
