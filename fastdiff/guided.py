@@ -14,7 +14,7 @@ w = 0) and learns v̂_η(z, c, w) ≈ v̂^w(z, c) for w ~ U[w_min, w_max]:
 
     x, c ~ data;  t ~ U(0, 1);  ε ~ N(0, I);  z_t = α_t x + σ_t ε;  w ~ U[w_min, w_max]
     v_c, v_u = teacher(z_t, t, c), teacher(z_t, t, ∅)          (one 2B batch, no grad)
-    L = mean_b weight_b / (1 + w_b)² · mean (v̂_η(z_t, t, c, w) − ((1+w) v_c − w v_u))²
+    L = mean_b weight_b / (1 + max(w_b, 0))² · mean (v̂_η(z_t, t, c, w) − ((1+w) v_c − w v_u))²
 
 with the guidance combination fused into the loss kernel (`fastdiff.kernels.guided_loss`).
 
@@ -188,6 +188,7 @@ class GuidanceHistory:
     wall_time: float = 0.0
     samples_per_s: float = 0.0
     updates_done: int = 0
+    resumed_from: int = 0                               # update a rerun resumed at (0: fresh)
 
 
 @dataclass
@@ -325,15 +326,18 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         stage="guidance", w_min=w_min, w_max=w_max, updates=updates, batch_size=batch_size,
         lr=lr, weighting=weighting, ema_decay=ema_decay, grad_clip=grad_clip, warmup=warmup,
         label_dropout=label_dropout, w_scale=w_scale, balance_w=balance_w, seed=seed,
-        world_size=world_size, eval_every=eval_every, eval_ws=str(list(eval_ws)))
+        world_size=world_size, eval_every=eval_every, eval_ws=str(list(eval_ws)),
+        teacher=json.dumps(getattr(teacher_module, "config", None), sort_keys=True,
+                           default=str))
     state_path = Path(checkpoint_dir) / "stage1.state" if checkpoint_dir is not None else None
     start = 0
     if state_path is not None and state_path.exists():
         start, history = load_training_state(state_path, student=student, ema=ema, opt=opt,
-                                           fingerprint=fingerprint,
-                                           history_type=GuidanceHistory)
+                                             fingerprint=fingerprint,
+                                             history_type=GuidanceHistory)
         for name in ("initial_error", "final_error"):  # JSON made the w keys strings
             setattr(history, name, {float(w): e for w, e in getattr(history, name).items()})
+        history.resumed_from = start
     if world_size > 1:  # every rank resumes from the same update (shared checkpoint_dir)
         from fastdiff.distributed import check_same
 
@@ -349,13 +353,14 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     t0 = time.perf_counter() - history.wall_time
 
     def save_state(k: int) -> None:
+        """Rank 0 writes the state after update k; the losses must be flushed already (the
+        flush averages over ranks, so every rank has to take part in it)."""
         if state_path is not None and rank == 0:
-            flush_losses(pending, history.loss, world_size)
             history.wall_time = time.perf_counter() - t0
             history.updates_done = k
             with phase("checkpoint"):
                 save_training_state(state_path, student=student, ema=ema, opt=opt, k=k,
-                                  history=history, fingerprint=fingerprint)
+                                    history=history, fingerprint=fingerprint)
 
     for k in range(start, updates):
         gen = update_generator(seed, "guided-stage1", k)
@@ -374,7 +379,10 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                                        schedule.phi(d.t), weighting, sample_weight=balance)
         optimizer_update(loss, student, opt, ema, grad_clip)
         pending.append(loss.detach())
-        if len(pending) == LOG_EVERY:  # a loss read-back syncs a GPU: batch them
+        checkpoint_now = state_path is not None and (k + 1) % checkpoint_every == 0 \
+            and k + 1 < updates
+        # a loss read-back syncs a GPU: batch them (on every rank: it is a collective)
+        if len(pending) == LOG_EVERY or checkpoint_now:
             flush_losses(pending, history.loss, world_size)
         bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
         if (k + 1) % eval_every == 0 or k + 1 == updates:
@@ -382,7 +390,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                 errs = held.errors(ema.shadow, eval_ws)
             history.eval_updates.append(k + 1)
             history.heldout_error.append(sum(errs.values()) / len(errs))
-        if (k + 1) % checkpoint_every == 0 and k + 1 < updates:
+        if checkpoint_now:
             save_state(k + 1)
     flush_losses(pending, history.loss, world_size)
     bar.close()
@@ -646,8 +654,17 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     w_min, w_max = check_w_range(args.w_min, args.w_max)
     quiet = bool(getattr(args, "quiet", False)) or rank != 0
     stage1_path = out / "stage1"
-    stage1_updates = getattr(args, "stage1_updates", None) or args.updates
-    stage1_lr = getattr(args, "stage1_lr", None) or args.lr
+    stage1_updates = getattr(args, "stage1_updates", None)
+    stage1_updates = args.updates if stage1_updates is None else stage1_updates
+    stage1_lr = getattr(args, "stage1_lr", None)
+    stage1_lr = args.lr if stage1_lr is None else stage1_lr
+    if isinstance(stage1_updates, bool) or not isinstance(stage1_updates, int) \
+            or stage1_updates < 1:
+        raise ValueError(f"--stage1-updates must be a positive integer, got {stage1_updates}")
+    if not stage1_lr > 0:
+        raise ValueError(f"--stage1-lr must be positive, got {stage1_lr}")
+    stage1_settings = {"w_min": w_min, "w_max": w_max, "updates": stage1_updates,
+                       "lr": stage1_lr, "batch_size": args.batch_size, "seed": args.seed}
     parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
                 "device": device}
     stage1 = None
@@ -655,12 +672,11 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         try:
             stage1 = load(stage1_path)
             meta = json.loads((stage1_path / "config.json").read_text()).get("metadata", {})
-            if (meta.get("w_min"), meta.get("w_max")) != (w_min, w_max):
-                raise CheckpointError(f"it was trained for w in [{meta.get('w_min')}, "
-                                      f"{meta.get('w_max')}]")
-            if (meta.get("updates"), meta.get("lr")) != (stage1_updates, stage1_lr):
-                raise CheckpointError(f"it was trained with {meta.get('updates')} updates at "
-                                      f"lr {meta.get('lr')}")
+            differ = {k: (meta.get(k), v) for k, v in stage1_settings.items()
+                      if meta.get(k) != v}
+            if differ:
+                raise CheckpointError(f"it was trained with other settings (saved vs now: "
+                                      f"{differ})")
             say(f"stage 1: reusing {stage1_path}")
         except (CheckpointError, OSError, ValueError) as e:
             say(f"stage 1: retraining ({stage1_path} unusable: {e})")
@@ -684,10 +700,20 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         state = {"checkpoint_dir": out / "checkpoints"}
         if getattr(args, "checkpoint_every", None):
             state["checkpoint_every"] = args.checkpoint_every
-        res = distill_guidance(teacher, data, w_min=w_min, w_max=w_max,
-                               updates=stage1_updates, batch_size=args.batch_size,
-                               lr=stage1_lr, seed=args.seed, progress=not quiet, **state,
-                               **parallel)
+        options = dict(w_min=w_min, w_max=w_max, updates=stage1_updates,
+                       batch_size=args.batch_size, lr=stage1_lr, seed=args.seed,
+                       progress=not quiet, **state, **parallel)
+        try:
+            res = distill_guidance(teacher, data, **options)
+        except CheckpointError as e:  # an interrupted stage 1 of other settings: start over
+            say(f"stage 1: not resuming ({e})")
+            if rank == 0:
+                (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
+            if world_size > 1:  # the others wait here until rank 0 removed it
+                from fastdiff.distributed import check_same
+
+                check_same(True, "stage 1 restarts")
+            res = distill_guidance(teacher, data, **options)
         stage1 = res.student
         h = res.history
         errs = ", ".join(f"w={w:g}: {h.initial_error[w]:.3g} -> {e:.3g}"
@@ -695,9 +721,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         say(f"stage 1: {h.updates_done} updates, {h.wall_time:.0f} s; relative error vs the "
             f"guided teacher on held-out z_t: {errs}")
         if rank == 0:
-            save(stage1, stage1_path, metadata={"w_min": w_min, "w_max": w_max,
-                                                "updates": stage1_updates, "lr": stage1_lr,
-                                                "world_size": world_size,
+            save(stage1, stage1_path, metadata={**stage1_settings, "world_size": world_size,
                                                 "history": asdict(h)})
             (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
     elif device is not None:

@@ -244,6 +244,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
 
     # -- score the students ------------------------------------------------------------------
     det, sto, sto_t = {}, {}, {}
+    grid_n = 4 if 4 in students else max(students)  # the step count of the sample grids
     for w in ws:
         for N in steps:
             if N not in students:
@@ -254,16 +255,15 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
             if N in stoch_students:
                 sto_t[(w, N)] = score(stoch_students[N], N, w, stochastic=True)
         gw = torch.full((len(grid_labels),), float(w))
-        four = 4 if 4 in students else max(students)
-        g = sample(students[four], grid_noise, four, cond={"y": grid_labels, "w": gw})
-        save_grid(g, out / f"student-{four}steps-w{w:g}.png", nrow=10)
-        g = sample(teacher, grid_noise, four, cond={"y": grid_labels}, guidance=float(w))
-        save_grid(g, out / f"teacher-{four}steps-w{w:g}.png", nrow=10)
-        if four in stoch_students:
-            g = sample(stoch_students[four], grid_noise, four, sampler="stochastic",
+        g = sample(students[grid_n], grid_noise, grid_n, cond={"y": grid_labels, "w": gw})
+        save_grid(g, out / f"student-{grid_n}steps-w{w:g}.png", nrow=10)
+        g = sample(teacher, grid_noise, grid_n, cond={"y": grid_labels}, guidance=float(w))
+        save_grid(g, out / f"teacher-{grid_n}steps-w{w:g}.png", nrow=10)
+        if grid_n in stoch_students:
+            g = sample(stoch_students[grid_n], grid_noise, grid_n, sampler="stochastic",
                        cond={"y": grid_labels, "w": gw},
                        generator=torch.Generator().manual_seed(99))
-            save_grid(g, out / f"stochastic-{four}steps-w{w:g}.png", nrow=10)
+            save_grid(g, out / f"stochastic-{grid_n}steps-w{w:g}.png", nrow=10)
 
     # -- throughput: one pass per step vs two ------------------------------------------------
     N_t = 4 if 4 in students else min(students)
@@ -285,6 +285,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
         ["w", "steps", "teacher DDIM FID (2 passes/step)", "teacher acc",
          "student DDIM FID", "student acc", "student stochastic FID", "acc",
          "stochastic-trained student FID", "acc"], rows)
+
     def pm(r):
         return "—" if r is None else (f"{r[0]:.3f}" if r[2] != r[2] else
                                       f"{r[0]:.3f} ± {r[2]:.3f}")
@@ -377,12 +378,12 @@ Wall time: teacher evaluation {timings['teacher_eval']:.0f} s, stage 1
 {timings['stochastic_train']:.0f} s; whole run {total:.0f} s (reloaded stages count 0 or their
 original time).
 
-Grids (rows = digits 0–9): {", ".join(f"[student {four} w={w:g}](student-{four}steps-w{w:g}.png)"
-                                     for w in ws)}; {", ".join(
-        f"[stochastic-trained student {four} w={w:g}](stochastic-{four}steps-w{w:g}.png)"
-        for w in ws if four in stoch_students)}; {", ".join(
+Grids (rows = digits 0–9): {", ".join(
+        f"[student {grid_n} w={w:g}](student-{grid_n}steps-w{w:g}.png)" for w in ws)}; {", ".join(
+        f"[stochastic-trained student {grid_n} w={w:g}](stochastic-{grid_n}steps-w{w:g}.png)"
+        for w in ws if grid_n in stoch_students)}; {", ".join(
         f"[teacher {reference_steps} w={w:g}](teacher-{reference_steps}steps-w{w:g}.png)"
-        for w in ws)}; {", ".join(f"[teacher {four} w={w:g}](teacher-{four}steps-w{w:g}.png)"
+        for w in ws)}; {", ".join(f"[teacher {grid_n} w={w:g}](teacher-{grid_n}steps-w{w:g}.png)"
                                  for w in ws)}.
 """
     report = write_text(out / "report.md", text)

@@ -334,7 +334,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     state_path = _state_path(checkpoint_dir, teacher_steps) if checkpoint_dir else None
     if state_path is not None and state_path.exists():
         start, history = load_training_state(state_path, student=student, ema=ema, opt=opt,
-                                           fingerprint=fingerprint)
+                                             fingerprint=fingerprint)
         history.resumed_from = start
     if world_size > 1:  # every rank must resume from the same update (shared checkpoint_dir)
         from fastdiff.distributed import check_same
@@ -396,7 +396,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             history.updates_done = k
             with phase("checkpoint"):
                 save_training_state(state_path, student=student, ema=ema, opt=opt, k=k,
-                                  history=history, fingerprint=fingerprint)
+                                    history=history, fingerprint=fingerprint)
     flush_losses(pending, history.loss, world_size)
     bar.close()
     history.stopped_by = stopped_by

@@ -85,12 +85,12 @@ def _blobs_file(path: Path) -> Path:
     return path
 
 
-def _run_guided(data_path, rank=0, world=1, wrap=None):
+def _run_guided(data_path, rank=0, world=1, wrap=None, **kw):
     from fastdiff.data import load_dataset
     from fastdiff.guided import distill_guidance
 
     return distill_guidance(_guided_teacher(), load_dataset(data_path), rank=rank,
-                            world_size=world, wrap_student=wrap, **GUIDED)
+                            world_size=world, wrap_student=wrap, **{**GUIDED, **kw})
 
 
 def _guided_cli_args(tmp: Path, out: str):
@@ -177,7 +177,9 @@ def worker_round(out: str) -> None:
     # guided distillation: stage 1 from the library, then the CLI's two stages
     from fastdiff.distributed import _cmd_distill
 
-    g = _run_guided(out / "blobs.npz", info.rank, info.world_size, ddp_wrapper(info.device))
+    # (checkpointing at update 3, between two loss read-backs, must not desynchronise ranks)
+    g = _run_guided(out / "blobs.npz", info.rank, info.world_size, ddp_wrapper(info.device),
+                    checkpoint_dir=out / "guided-state", checkpoint_every=3)
     _cmd_distill(_guided_cli_args(out, "guided-run"), info)
     if info.is_main:
         save_file({k: v.contiguous() for k, v in g.student.state_dict().items()},
@@ -274,10 +276,11 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(h["mismatch"]),
                                torch.tensor(ref.history.heldout_mismatch), rtol=1e-5, atol=1e-7)
-    # rank 0 wrote every checkpoint (the PD round's at updates 2 and 4 of 6, the guided CLI's
-    # stage 1 at its end, update 4); rank 1 never called the writer
+    # rank 0 wrote every checkpoint (the PD round's at updates 2 and 4 of 6; guided stage 1's
+    # at 3 and at its end, 5; the guided CLI's stage 1 at its end, 4); rank 1 never wrote
     assert (tmp_path / "writes-rank0.txt").read_text().split("\n")[:-1] == [
-        "0 2 round-00008-to-00004.state", "0 4 round-00008-to-00004.state", "0 4 stage1.state"]
+        "0 2 round-00008-to-00004.state", "0 4 round-00008-to-00004.state",
+        "0 3 stage1.state", "0 5 stage1.state", "0 4 stage1.state"]
     assert not (tmp_path / "writes-rank1.txt").exists()
 
     # guided stage 1 on 2 ranks trains what one process trains with the same global batch

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastdiff.kernels.ddim_step import ddim_step_reference
 
-from fastdiff.checkpoint import load
+from fastdiff.checkpoint import load, load_config
 from fastdiff.data import as_dataset
 from fastdiff.guided import (
     distill_guidance,
@@ -389,6 +389,20 @@ def test_cli_runs_both_stages_and_resumes(tmp_path, data, capsys):
     assert "stage 1: retraining" in printed
     assert "stage 2: removing 1 round checkpoint(s) of the old stage 1" in printed
     assert (tmp_path / "run" / "checkpoints" / "student-00001").is_dir()  # distilled again
+
+    # an interrupted stage 1 of other settings is not resumed but started over
+    fresh = tmp_path / "fresh"
+    distill_guidance(toy_teacher(), data, updates=3, batch_size=16, lr=5e-3,
+                     checkpoint_dir=fresh / "checkpoints", progress=False)
+    args.out, args.stage1_updates = str(fresh), 5
+    distill_guided_cli(toy_teacher(), data, args)
+    printed = capsys.readouterr().out
+    assert "stage 1: not resuming" in printed and "'lr': (0.005, 0.001)" in printed
+    assert load_config(fresh / "stage1")["metadata"]["history"]["updates_done"] == 5
+    assert not (fresh / "checkpoints" / "stage1.state").exists()
+    args.stage1_updates = 0
+    with pytest.raises(ValueError, match="--stage1-updates must be a positive integer"):
+        distill_guided_cli(toy_teacher(), data, args)
     meta = json.loads((tmp_path / "run" / "stage1" / "config.json").read_text())["metadata"]
     assert meta["updates"] == 7 and meta["history"]["updates_done"] == 7
 
