@@ -67,34 +67,44 @@ def cmd_train_teacher(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from fastdiff.checkpoint import save
     from fastdiff.data import load_dataset
-    from fastdiff.pd import progressive_distill
 
-    teacher = _load_model(args.teacher)
-    data = load_dataset(args.data, seed=args.seed)
-    out = Path(args.out)
+    run_distill(_load_model(args.teacher), load_dataset(args.data, seed=args.seed), args)
+
+
+def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap_student=None,
+                device=None) -> None:
+    """`distill`'s work, in one process or as one rank under torchrun (`fastdiff.distributed`:
+    rank, world_size, wrap_student, device); only rank 0 prints and writes."""
+    from fastdiff.checkpoint import save
+    from fastdiff.pd import progressive_distill, round_summary
+
+    parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
+                "device": device}
     if args.guided:
         from fastdiff.guided import distill_guided_cli
 
-        distill_guided_cli(teacher, data, args)
+        distill_guided_cli(teacher, data, args, **parallel)
         return
 
-    def on_round(result):
-        h = result.history
-        print(f"round {result.teacher_steps} -> {result.steps} steps: {h.updates_done} updates, "
-              f"{h.wall_time:.0f} s, held-out mismatch {h.initial_mismatch:.4g} -> "
-              f"{(h.heldout_mismatch or [float('nan')])[-1]:.4g}, ended by {h.stopped_by}")
+    def say(msg):
+        if rank == 0:
+            print(msg, flush=True)
 
+    out = Path(args.out)
     results = progressive_distill(
         teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
         updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
         tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
         checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
-        seed=args.seed, compile=args.compile, progress=not args.quiet, on_round=on_round)
+        seed=args.seed, compile=args.compile, progress=not args.quiet and rank == 0,
+        on_round=lambda result: say(round_summary(result)), **parallel)
     final = results[-1]
-    save(final.student, out / "student", metadata={"steps": final.steps})
-    print(f"student for {final.steps} step(s) saved to {out / 'student'}")
+    if rank == 0:
+        save(final.student, out / "student",
+             metadata={"steps": final.steps, "world_size": world_size})
+    ranks = f" ({world_size} ranks, global batch {args.batch_size})" if world_size > 1 else ""
+    say(f"student for {final.steps} step(s) saved to {out / 'student'}{ranks}")
 
 
 # --- sample ------------------------------------------------------------------------------------

@@ -287,44 +287,13 @@ def _say(info: DistInfo, msg: str) -> None:
 
 
 def _cmd_distill(args, info: DistInfo) -> None:
-    from pathlib import Path
-
-    from fastdiff.checkpoint import load, save
+    from fastdiff.checkpoint import load
+    from fastdiff.cli import run_distill
     from fastdiff.data import load_dataset
-    from fastdiff.pd import progressive_distill
 
-    teacher = load(args.teacher).to(info.device)
-    data = load_dataset(args.data, seed=args.seed)
-    out = Path(args.out)
-    wrap = ddp_wrapper(info.device) if info.world_size > 1 else None
-    if args.guided:
-        from fastdiff.guided import distill_guided_cli
-
-        distill_guided_cli(teacher, data, args, rank=info.rank, world_size=info.world_size,
-                           wrap_student=wrap, device=info.device)
-        return
-
-    def on_round(result):
-        h = result.history
-        _say(info, f"round {result.teacher_steps} -> {result.steps} steps: {h.updates_done} "
-                   f"updates, {h.wall_time:.0f} s, held-out mismatch {h.initial_mismatch:.4g}"
-                   f" -> {(h.heldout_mismatch or [float('nan')])[-1]:.4g}, ended by "
-                   f"{h.stopped_by} (resumed from update {h.resumed_from})")
-
-    results = progressive_distill(
-        teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
-        updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
-        tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
-        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
-        seed=args.seed, compile=args.compile, progress=not args.quiet and info.is_main,
-        on_round=on_round, device=info.device, rank=info.rank, world_size=info.world_size,
-        wrap_student=wrap)
-    final = results[-1]
-    if info.is_main:
-        save(final.student, out / "student", metadata={"steps": final.steps,
-                                                       "world_size": info.world_size})
-    _say(info, f"student for {final.steps} step(s) saved to {out / 'student'} "
-               f"({info.world_size} rank(s), global batch {args.batch_size})")
+    run_distill(load(args.teacher).to(info.device), load_dataset(args.data, seed=args.seed),
+                args, rank=info.rank, world_size=info.world_size, device=info.device,
+                wrap_student=ddp_wrapper(info.device) if info.world_size > 1 else None)
 
 
 def _cmd_train_teacher(args, info: DistInfo) -> None:

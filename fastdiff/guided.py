@@ -52,6 +52,7 @@ from fastdiff.pd import (
     draw_batch,
     load_training_state,
     progressive_distill,
+    round_summary,
     save_training_state,
     settings_fingerprint,
     update_generator,
@@ -65,6 +66,7 @@ from fastdiff.training import (
     Progress,
     _unwrap,
     autocast_for,
+    check_global_batch,
     flush_losses,
     linear_lr,
     make_optimizer,
@@ -293,9 +295,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-    if batch_size % world_size:
-        raise ValueError(f"batch_size ({batch_size}) must be divisible by the world size "
-                         f"({world_size}): it is the global batch")
+    check_global_batch(batch_size, world_size)
     if not callable(teacher):
         raise TypeError("teacher must be a callable model(z, t, y=labels) -> v_hat")
     dataset = as_dataset(data)
@@ -644,7 +644,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     parallelism under torchrun (`python -m fastdiff.distributed distill --guided ...`); only
     rank 0 prints and writes.
     """
-    from fastdiff.checkpoint import CheckpointError, load, save
+    from fastdiff.checkpoint import CheckpointError, load, load_config, save
 
     def say(msg):
         if rank == 0:
@@ -670,13 +670,13 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     stage1 = None
     if stage1_path.exists():
         try:
-            stage1 = load(stage1_path)
-            meta = json.loads((stage1_path / "config.json").read_text()).get("metadata", {})
+            meta = load_config(stage1_path).get("metadata", {})
             differ = {k: (meta.get(k), v) for k, v in stage1_settings.items()
                       if meta.get(k) != v}
             if differ:
                 raise CheckpointError(f"it was trained with other settings (saved vs now: "
                                       f"{differ})")
+            stage1 = load(stage1_path)
             say(f"stage 1: reusing {stage1_path}")
         except (CheckpointError, OSError, ValueError) as e:
             say(f"stage 1: retraining ({stage1_path} unusable: {e})")
@@ -729,10 +729,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     stage1.schedule = getattr(stage1, "schedule", None) or getattr(teacher, "schedule", None)
 
     def on_round(result):
-        h = result.history
-        say(f"stage 2 round {result.teacher_steps} -> {result.steps} steps: "
-            f"{h.updates_done} updates, {h.wall_time:.0f} s, held-out mismatch "
-            f"{h.initial_mismatch:.4g} -> {(h.heldout_mismatch or [float('nan')])[-1]:.4g}")
+        say(f"stage 2 {round_summary(result)}")
 
     options = {k: getattr(args, k) for k in ("tolerance", "patience", "eval_every",
                                              "checkpoint_every", "compile")

@@ -22,6 +22,7 @@ from fastdiff.guided import (
     distill_guided_steps,
     distill_stochastic,
 )
+from fastdiff.pd import round_summary
 from fastdiff.samplers import sample
 from fastdiff.schedules import CosineSchedule
 
@@ -134,15 +135,19 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
     def w_cond(y, w):
         return {"y": y, "w": torch.full((len(y),), float(w))}
 
-    def reuse(path):
+    def reuse(path, settings: dict):
+        """(model, metadata) of a finished stage at `path` saved with these `settings`, else
+        (None, {}); the weights are read only when the settings match."""
         if path.exists():
             try:
-                m = load(path)
-                m.schedule = schedule
-                return m
+                meta = load_config(path).get("metadata", {})
+                if meta.get("settings") == json.loads(json.dumps(settings)):
+                    m = load(path)
+                    m.schedule = schedule
+                    return m, meta
             except CheckpointError as e:
                 log(f"retraining {path.name}: {e}")
-        return None
+        return None, {}
 
     # -- the guided teacher (2 passes per step) ------------------------------------------
     t0 = time.perf_counter()
@@ -163,11 +168,8 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
                 "ema_decay": stage1_ema_decay, "balance_w": True,
                 "batch_size": batch_size, "eval_ws": list(ws),
                 "teacher": getattr(teacher, "config", None)}
-    stage1 = reuse(ckpt / "stage1")
-    meta = {}
+    stage1, meta = reuse(ckpt / "stage1", settings)
     if stage1 is not None:
-        meta = json.loads((ckpt / "stage1" / "config.json").read_text()).get("metadata", {})
-    if stage1 is not None and meta.get("settings") == json.loads(json.dumps(settings)):
         s1_hist = meta.get("history", {})
         log("stage 1: reloaded")
     else:
@@ -204,10 +206,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
 
     def on_round(result):
         students[result.steps] = result.student
-        h = result.history
-        log(f"stage 2 round {result.teacher_steps}->{result.steps}: {h.wall_time:.0f} s, "
-            f"held-out mismatch {h.initial_mismatch:.4g} -> "
-            f"{(h.heldout_mismatch or [float('nan')])[-1]:.4g}")
+        log(f"stage 2 {round_summary(result)}")
 
     rounds = distill_guided_steps(stage1, data, w_min=w_min, w_max=w_max,
                                   start_steps=start_steps, end_steps=1, updates=updates,
@@ -225,12 +224,9 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
             continue
         path = ckpt / f"stochastic-{N:05d}"
         wanted = {"teacher_steps": k * N, "updates": stochastic_updates, "lr": lr}
-        m = reuse(path)
-        meta = load_config(path).get("metadata", {}) if m is not None else {}
-        if meta.get("settings") != wanted:
-            m = None
-        else:  # reloaded: count its original training time, as for stages 1 and 2
-            t_stoch += meta.get("history", {}).get("wall_time", 0.0)
+        m, meta = reuse(path, wanted)
+        # reloaded: count its original training time, as for stages 1 and 2
+        t_stoch += meta.get("history", {}).get("wall_time", 0.0)
         if m is None:
             r = distill_stochastic(students[k * N], data, steps=N, teacher_steps=k * N,
                                    w_min=w_min, w_max=w_max, updates=stochastic_updates,

@@ -39,6 +39,7 @@ from fastdiff.training import (
     Progress,
     _unwrap,
     autocast_for,
+    check_global_batch,
     flush_losses,
     linear_lr,
     make_optimizer,
@@ -71,6 +72,15 @@ class RoundResult:
     steps: int              # the DDIM step count the student samples with
     teacher_steps: int
     history: RoundHistory
+
+
+def round_summary(result: RoundResult) -> str:
+    """One line on a finished round: updates, wall time, held-out mismatch, why it ended."""
+    h = result.history
+    line = (f"round {result.teacher_steps} -> {result.steps} steps: {h.updates_done} updates, "
+            f"{h.wall_time:.0f} s, held-out mismatch {h.initial_mismatch:.4g} -> "
+            f"{(h.heldout_mismatch or [float('nan')])[-1]:.4g}, ended by {h.stopped_by}")
+    return line + (f" (resumed from update {h.resumed_from})" if h.resumed_from else "")
 
 
 def _is_pow2(n) -> bool:
@@ -299,9 +309,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
-    if batch_size % world_size:
-        raise ValueError(f"batch_size ({batch_size}) must be divisible by the world size "
-                         f"({world_size}): it is the global batch")
+    check_global_batch(batch_size, world_size)
     if tolerance is not None and not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0 or None, got {tolerance!r}")
     if not callable(teacher):

@@ -136,6 +136,14 @@ def linear_lr(step: int, total: int, warmup: int = 0) -> float:
 LOG_EVERY = 10  # updates between loss read-backs (each one a device sync on CUDA)
 
 
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """batch_size is the global batch across ranks: each of `world_size` ranks takes an equal
+    slice of it, so it must divide evenly."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by the world size "
+                         f"({world_size}): it is the global batch")
+
+
 def flush_losses(pending: list, into: list, world_size: int = 1) -> None:
     """Move pending per-update losses (device scalars, averaged over ranks) into `into` as
     floats. Training loops collect `loss.detach()` and call this every LOG_EVERY updates, so
@@ -203,9 +211,7 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
         raise ValueError(f"updates and batch_size must be >= 1, got {updates}, {batch_size}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-    if batch_size % world_size:
-        raise ValueError(f"batch_size ({batch_size}) must be divisible by the world size "
-                         f"({world_size}): it is the global batch")
+    check_global_batch(batch_size, world_size)
     per = slice(rank * (batch_size // world_size), (rank + 1) * (batch_size // world_size))
     schedule = schedule or getattr(model, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(model)

@@ -44,6 +44,16 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _guided_difference(vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, row, offs, mask):
+        """d = v_s − (1+w) v_c + w v_u for one block of one sample, in float32 registers."""
+        vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        vc = tl.load(vc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        vu = tl.load(vu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        wp1 = tl.load(wp1_ptr + row)
+        w = tl.load(w_ptr + row)
+        return vs - wp1 * vc + w * vu
+
+    @triton.jit
     def _guided_loss_fwd_kernel(
         vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, scale_ptr, partial_ptr,
         n_per_sample, n_blocks, row_start,
@@ -55,12 +65,7 @@ if triton is not None:
         cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_per_sample
         offs = row.to(tl.int64) * n_per_sample + cols
-        vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vc = tl.load(vc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vu = tl.load(vu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        wp1 = tl.load(wp1_ptr + row)
-        w = tl.load(w_ptr + row)
-        d = vs - wp1 * vc + w * vu
+        d = _guided_difference(vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, row, offs, mask)
         m = tl.where(mask, metric_value(d, METRIC, HUBER_C), 0.0)
         scale = tl.load(scale_ptr + row)
         tl.store(partial_ptr + row.to(tl.int64) * n_blocks + block, scale * tl.sum(m, axis=0))
@@ -75,13 +80,9 @@ if triton is not None:
         cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_per_sample
         offs = row.to(tl.int64) * n_per_sample + cols
-        vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vc = tl.load(vc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vu = tl.load(vu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        wp1 = tl.load(wp1_ptr + row)
-        w = tl.load(w_ptr + row)
+        d = _guided_difference(vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, row, offs, mask)
         gscale = tl.load(gscale_ptr + row)  # upstream · weight_b / (B·n)
-        g = gscale * metric_grad(vs - wp1 * vc + w * vu, METRIC, HUBER_C)
+        g = gscale * metric_grad(d, METRIC, HUBER_C)
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

@@ -16,13 +16,7 @@ S = 0.4
 NOISE = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class GaussianTeacher(torch.nn.Module):
