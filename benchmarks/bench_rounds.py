@@ -5,7 +5,7 @@ clipping at 1.0 and an AdamW step, on a fixed batch (data drawing and the EMA ar
 of every provider alike). Providers, side by side for each U-Net:
 
 * ``naive``: benchmarks/naive_pd.py (paper pseudo-code in eager float32, x-space target);
-* ``fastdiff-default``: ``fastdiff.profile.PDStep`` with fastdiff's device defaults
+* ``fastdiff-default``: ``fastdiff.apps.profile.PDStep`` with fastdiff's device defaults
   (= what ``distill_round`` runs: eager, bf16 autocast on CUDA, float32 on CPU);
 * ``fastdiff-{eager,compile}-{fp32,bf16}``: torch.compile of the student on/off (what
   ``distill_round(compile=True)`` does) × autocast; the explicit config equal to the
@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
 from benchmarks.naive_pd import naive_update
-from fastdiff.profile import PDStep, build_pair, random_batch
+from fastdiff.apps.profile import PDStep, build_pair, random_batch
 
 STUDENT_STEPS = 32  # the student's step count N (a 64 -> 32 halving, the demo's first)
 

@@ -18,9 +18,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import summary  # noqa: E402
 from benchmarks.naive_pd import naive_pd_loss  # noqa: E402
-from fastdiff.pd import PDBatch, pd_update  # noqa: E402
-from fastdiff.profile import build_pair, random_batch  # noqa: E402
-from fastdiff.schedules import CosineSchedule  # noqa: E402
+from fastdiff.apps.profile import build_pair, random_batch  # noqa: E402
+from fastdiff.engine.schedules import CosineSchedule  # noqa: E402
+from fastdiff.methods.pd import PDBatch, pd_update  # noqa: E402
 
 
 def _grads(model):

@@ -1,4 +1,4 @@
-"""fastdiff.checkpoint: model save/load, corrupt inputs, training state, RNG state."""
+"""fastdiff.engine.checkpoint: model save/load, corrupt inputs, training state, RNG state."""
 
 import json
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.checkpoint import (
+from fastdiff.engine.checkpoint import (
     CheckpointError,
     flatten_state_dict,
     load,
@@ -18,8 +18,8 @@ from fastdiff.checkpoint import (
     set_rng_state,
     unflatten_state_dict,
 )
-from fastdiff.models import MLP, UNet, add_scalar_condition
-from fastdiff.schedules import CosineSchedule, LinearLogSNRSchedule
+from fastdiff.engine.models import MLP, UNet, add_scalar_condition
+from fastdiff.engine.schedules import CosineSchedule, LinearLogSNRSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

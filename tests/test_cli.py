@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from fastdiff.checkpoint import save
-from fastdiff.cli import build_parser, main
-from fastdiff.models import MLP
+from fastdiff.apps.cli import build_parser, main
+from fastdiff.engine.checkpoint import save
+from fastdiff.engine.models import MLP
 
 
 def test_every_command_explains_its_options(capsys):
@@ -49,7 +49,7 @@ def test_sample_and_eval_on_a_saved_model(tmp_path, capsys):
 
 
 def test_entry_point_runs():
-    r = subprocess.run([sys.executable, "-m", "fastdiff.cli", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "fastdiff.apps.cli", "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "distill" in r.stdout
 

@@ -1,4 +1,4 @@
-"""fastdiff.data: built-in data sets, the Dataset interface, a user's folders and arrays."""
+"""fastdiff.engine.data: built-in data sets, the Dataset interface, a user's folders and arrays."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdiff.data import (
+from fastdiff.engine.data import (
     DataError,
     Dataset,
     as_dataset,

@@ -19,6 +19,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from fastdiff.engine.samplers import sample  # noqa: E402
 from fastdiff.integrations.diffusers import (  # noqa: E402
     DiffusersFolderError,
     DiffusersSchedule,
@@ -27,8 +28,7 @@ from fastdiff.integrations.diffusers import (  # noqa: E402
     from_diffusers,
     load_diffusers_teacher,
 )
-from fastdiff.pd import distill_round  # noqa: E402
-from fastdiff.samplers import sample  # noqa: E402
+from fastdiff.methods.pd import distill_round  # noqa: E402
 
 T = 1000
 
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def digits():
-    from fastdiff.data import load_dataset
+    from fastdiff.engine.data import load_dataset
 
     return load_dataset("digits")
 
@@ -430,7 +430,7 @@ def test_cross_attention_unet_with_a_fixed_prompt(trained):
 
 
 def test_sfd_distils_a_diffusers_teacher(trained):
-    from fastdiff.sfd import distill_sfd, sample_sfd
+    from fastdiff.methods.sfd import distill_sfd, sample_sfd
 
     unet, ddpm = trained
     result = distill_sfd(from_diffusers(unet, ddpm), student_steps=2, teacher_substeps=1,

@@ -29,15 +29,15 @@ ROUND = dict(teacher_steps=8, updates=6, batch_size=64, lr=1e-3, eval_every=3,
 
 
 def _teacher():
-    from fastdiff.models import MLP
+    from fastdiff.engine.models import MLP
 
     torch.manual_seed(0)
     return MLP(dim=2, hidden=32, depth=2)
 
 
 def _train_teacher(rank=0, world=1, wrap=None):
-    from fastdiff.data import load_dataset
-    from fastdiff.models import MLP
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.engine.models import MLP
     from fastdiff.training import train_teacher
 
     torch.manual_seed(1)
@@ -47,8 +47,8 @@ def _train_teacher(rank=0, world=1, wrap=None):
 
 
 def _run_round(rank=0, world=1, wrap=None, ckpt=None, teacher=None, **kw):
-    from fastdiff.data import load_dataset
-    from fastdiff.pd import distill_round
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.methods.pd import distill_round
 
     data = load_dataset("eight_gaussians", seed=0)
     return distill_round(teacher or _teacher(), data, rank=rank, world_size=world,
@@ -63,7 +63,7 @@ GUIDED_CLI = ["distill", "--guided", "--start-steps", "2", "--end-steps", "1", "
 
 def _guided_teacher():
     """A class-conditional MLP whose conditional and null outputs differ (guidance matters)."""
-    from fastdiff.models import MLP
+    from fastdiff.engine.models import MLP
 
     torch.manual_seed(2)
     m = MLP(dim=2, hidden=32, depth=2, num_classes=3)
@@ -86,15 +86,15 @@ def _blobs_file(path: Path) -> Path:
 
 
 def _run_guided(data_path, rank=0, world=1, wrap=None, **kw):
-    from fastdiff.data import load_dataset
-    from fastdiff.guided import distill_guidance
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.methods.guided import distill_guidance
 
     return distill_guidance(_guided_teacher(), load_dataset(data_path), rank=rank,
                             world_size=world, wrap_student=wrap, **{**GUIDED, **kw})
 
 
 def _guided_cli_args(tmp: Path, out: str):
-    from fastdiff.cli import build_parser
+    from fastdiff.apps.cli import build_parser
 
     return build_parser().parse_args([*GUIDED_CLI, "--teacher", str(tmp / "guided-teacher"),
                                       "--data", str(tmp / "blobs.npz"), "--out", str(tmp / out)])
@@ -105,7 +105,7 @@ def _fsdp_checks(info, ref_student):
     distill_round; a sharded student is refused with a clear error."""
     import copy
 
-    from fastdiff.distributed import ddp_wrapper, fsdp_wrapper, full_state_dict
+    from fastdiff.engine.parallel import ddp_wrapper, fsdp_wrapper, full_state_dict
 
     base, weights = _teacher(), {}
     wrappers = {"ddp": ddp_wrapper(info.device), "fsdp": fsdp_wrapper(min_params=1000)}
@@ -134,7 +134,7 @@ def _fsdp_checks(info, ref_student):
     with pytest.raises(NotImplementedError, match="sharded the student"):
         _run_round(info.rank, info.world_size, fsdp_wrapper(min_params=1000), updates=1)
 
-    from fastdiff.distributed import RankMismatchError, check_same
+    from fastdiff.engine.parallel import RankMismatchError, check_same
 
     assert check_same((3, 7), "x") == (3, 7)
     with pytest.raises(RankMismatchError, match="ranks disagree on where"):
@@ -147,8 +147,8 @@ def _fsdp_checks(info, ref_student):
 def _count_checkpoint_writes(log: Path, rank: int):
     """Patch the training-state writer (pd's, which guided imports) so every call leaves a
     line in `log` (per rank)."""
-    import fastdiff.guided as guided
-    import fastdiff.pd as pd
+    import fastdiff.methods.guided as guided
+    import fastdiff.methods.pd as pd
 
     real = pd.save_training_state
 
@@ -165,7 +165,7 @@ def worker_round(out: str) -> None:
     the round's history to `out`."""
     from safetensors.torch import save_file
 
-    from fastdiff.distributed import cleanup, ddp_wrapper, init_from_env
+    from fastdiff.engine.parallel import cleanup, ddp_wrapper, init_from_env
 
     torch.set_num_threads(1)
     info = init_from_env(timeout_s=TIMEOUT_S)
@@ -175,7 +175,7 @@ def worker_round(out: str) -> None:
     r = _run_round(info.rank, info.world_size, ddp_wrapper(info.device), out / "ckpt")
     _fsdp_checks(info, r.student)
     # guided distillation: stage 1 from the library, then the CLI's two stages
-    from fastdiff.distributed import _cmd_distill
+    from fastdiff.apps.distributed import _cmd_distill
 
     # (checkpointing at update 3, between two loss read-backs, must not desynchronise ranks)
     g = _run_guided(out / "blobs.npz", info.rank, info.world_size, ddp_wrapper(info.device),
@@ -196,10 +196,10 @@ def worker_round(out: str) -> None:
 
 
 def worker_cli(die_at: str, *argv: str) -> int:
-    """`python -m fastdiff.distributed ARGV` on this rank; rank 1 SIGKILLs itself at its
+    """`python -m fastdiff.apps.distributed ARGV` on this rank; rank 1 SIGKILLs itself at its
     update `die_at` (−1: never), as a crashed GPU or OOM-killed process would die."""
-    import fastdiff.pd as pd
-    from fastdiff.distributed import main
+    import fastdiff.methods.pd as pd
+    from fastdiff.apps.distributed import main
 
     torch.set_num_threads(1)
     die_at = int(die_at)
@@ -253,9 +253,9 @@ def _assert_same_weights(got: dict, ref):
 def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     from safetensors.torch import load_file
 
-    from fastdiff.checkpoint import load, save
-    from fastdiff.data import load_dataset
-    from fastdiff.guided import distill_guided_cli
+    from fastdiff.engine.checkpoint import load, save
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.methods.guided import distill_guided_cli
 
     save(_guided_teacher(), tmp_path / "guided-teacher")
     _blobs_file(tmp_path / "blobs.npz")
@@ -301,9 +301,9 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
 
 @pytest.mark.slow  # ~20-40 s on the shared 2-core box: 2-3 Python processes
 def test_killed_rank_stops_the_job_clearly_and_a_rerun_resumes(tmp_path):
-    from fastdiff.checkpoint import load, save
-    from fastdiff.data import load_dataset
-    from fastdiff.pd import progressive_distill
+    from fastdiff.engine.checkpoint import load, save
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.methods.pd import progressive_distill
 
     save(_teacher(), tmp_path / "teacher")
     out = tmp_path / "run"

@@ -14,21 +14,21 @@ import pytest
 import torch
 from fastdiff.kernels.ddim_step import ddim_step_reference
 
-from fastdiff.checkpoint import load, load_config
-from fastdiff.data import as_dataset
-from fastdiff.guided import (
+from fastdiff.engine.checkpoint import load, load_config
+from fastdiff.engine.data import as_dataset
+from fastdiff.engine.models import MLP, add_scalar_condition
+from fastdiff.engine.samplers import sample
+from fastdiff.engine.schedules import CosineSchedule
+from fastdiff.engine.steppers import stochastic_sample
+from fastdiff.methods.guided import (
     distill_guidance,
     distill_guided_cli,
     distill_guided_steps,
     distill_stochastic,
     guidance_error,
-    stochastic_sample,
     stochastic_target,
     w_sampler,
 )
-from fastdiff.models import MLP, add_scalar_condition
-from fastdiff.samplers import sample
-from fastdiff.schedules import CosineSchedule
 
 SCHED = CosineSchedule()
 
@@ -86,8 +86,8 @@ def test_stage1_learns_the_guided_output(stage1):
 
 
 def test_stage1_resumes_after_a_crash_to_the_uninterrupted_student(tmp_path, data, monkeypatch):
-    import fastdiff.guided as guided
-    from fastdiff.checkpoint import CheckpointError
+    import fastdiff.methods.guided as guided
+    from fastdiff.engine.checkpoint import CheckpointError
 
     kw = dict(w_min=0.0, w_max=4.0, updates=20, batch_size=32, lr=3e-3, eval_every=5,
               heldout_size=64, progress=False, checkpoint_every=5)
@@ -411,7 +411,7 @@ def test_cli_runs_both_stages_and_resumes(tmp_path, data, capsys):
 def test_guided_demo_quick_mode_writes_the_report(tmp_path):
     import json
 
-    from fastdiff.guided_demo import run_guided_demo
+    from fastdiff.apps.guided_demo import run_guided_demo
 
     report = run_guided_demo(tmp_path / "demo", quick=True, progress=False, log=lambda *a: None)
     text = report.read_text()

@@ -1,4 +1,4 @@
-"""fastdiff.metrics: distances against closed forms, and FID-digits' behaviour and cache."""
+"""fastdiff.eval.metrics: distances against closed forms, and FID-digits' behaviour and cache."""
 
 import math
 
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdiff.data import load_dataset
-from fastdiff.metrics import (
+from fastdiff.engine.data import load_dataset
+from fastdiff.eval.metrics import (
     DigitsFID,
     energy_distance,
     frechet_distance,

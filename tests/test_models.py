@@ -1,11 +1,11 @@
-"""fastdiff.models: shapes, conditioning, add_scalar_condition, gradients, as_v_model."""
+"""fastdiff.engine.models: shapes, conditioning, add_scalar_condition, gradients, as_v_model."""
 
 import math
 
 import pytest
 import torch
 
-from fastdiff.models import (
+from fastdiff.engine.models import (
     MLP,
     UNet,
     add_scalar_condition,
@@ -13,7 +13,7 @@ from fastdiff.models import (
     build_model,
     default_model_for,
 )
-from fastdiff.schedules import CosineSchedule, LinearLogSNRSchedule, v_from_x_eps
+from fastdiff.engine.schedules import CosineSchedule, LinearLogSNRSchedule, v_from_x_eps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

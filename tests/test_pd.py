@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.checkpoint import load_state
-from fastdiff.data import load_dataset
-from fastdiff.models import MLP
-from fastdiff.pd import distill_round, draw_batch, progressive_distill, update_generator
-from fastdiff.schedules import CosineSchedule
+from fastdiff.engine.checkpoint import load_state
+from fastdiff.engine.data import load_dataset
+from fastdiff.engine.models import MLP
+from fastdiff.engine.schedules import CosineSchedule
+from fastdiff.methods.pd import distill_round, draw_batch, progressive_distill, update_generator
 from fastdiff.training import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_convergence_rule_ends_a_round_early(toy):
 
 def test_student_times_are_the_papers_t_prime_and_t_double_prime():
     # t = i/N, t' = t − ½/N (the teacher's midpoint), t'' = t − 1/N; never swapped.
-    from fastdiff.pd import student_times
+    from fastdiff.methods.pd import student_times
 
     t = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
     mid, end = student_times(t, 4)
@@ -109,9 +109,9 @@ def test_progressive_distill_halves_down_and_skips_finished_rounds(toy, tmp_path
 RUN = """
 import sys, torch
 torch.set_num_threads(1)
-from fastdiff.checkpoint import load, save
-from fastdiff.pd import distill_round
-from fastdiff.data import load_dataset
+from fastdiff.engine.checkpoint import load, save
+from fastdiff.methods.pd import distill_round
+from fastdiff.engine.data import load_dataset
 teacher = load(sys.argv[1])
 r = distill_round(teacher, load_dataset("eight_gaussians", seed=0), teacher_steps=4,
                   updates=int(sys.argv[3]), batch_size=64, lr=1e-3, eval_every=50,
@@ -128,7 +128,7 @@ def _run(args, **kw):
 
 
 def test_resume_after_sigkill_gives_the_same_weights(toy, tmp_path):
-    from fastdiff.checkpoint import load, save
+    from fastdiff.engine.checkpoint import load, save
 
     teacher, _ = toy
     save(teacher, tmp_path / "teacher")
@@ -168,8 +168,8 @@ def test_resume_after_sigkill_gives_the_same_weights(toy, tmp_path):
 
 @pytest.mark.slow
 def test_one_step_student_beats_one_step_ddim_on_eight_gaussians(toy):
-    from fastdiff.metrics import sliced_wasserstein
-    from fastdiff.samplers import sample
+    from fastdiff.engine.samplers import sample
+    from fastdiff.eval.metrics import sliced_wasserstein
 
     teacher, data = toy
     results = progressive_distill(teacher, data, start_steps=8, end_steps=1, updates=300,

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from fastdiff.data import load_dataset
-from fastdiff.metrics import sliced_wasserstein, true_spread
-from fastdiff.models import MLP
-from fastdiff.samplers import SAMPLERS, sample, time_grid
-from fastdiff.schedules import CosineSchedule
+from fastdiff.engine.data import load_dataset
+from fastdiff.engine.grids import time_grid
+from fastdiff.engine.models import MLP
+from fastdiff.engine.samplers import SAMPLERS, sample
+from fastdiff.engine.schedules import CosineSchedule
+from fastdiff.eval.metrics import sliced_wasserstein, true_spread
 from fastdiff.training import train_teacher
 
 SCHED = CosineSchedule()
@@ -96,7 +97,7 @@ def test_guidance_combines_conditional_and_unconditional():
         return torch.where((y >= 0)[:, None], torch.ones_like(z), torch.zeros_like(z))
 
     z = torch.randn(4, 2)
-    from fastdiff.samplers import guided_model
+    from fastdiff.engine.samplers import guided_model
 
     f = guided_model(model, {"y": torch.tensor([0, 1, 2, 3])}, 2.0)
     v = f(z, torch.ones(4))
@@ -106,9 +107,9 @@ def test_guidance_combines_conditional_and_unconditional():
 
 def test_guidance_goes_to_the_w_input_of_a_distilled_student_and_cfg_otherwise():
     """`guidance_inputs`: one pass with cond w for a w-conditioned model, CFG for others."""
-    from fastdiff.demo import digits_fid
-    from fastdiff.models import add_scalar_condition
-    from fastdiff.samplers import guidance_inputs
+    from fastdiff.apps.demo import digits_fid
+    from fastdiff.engine.models import add_scalar_condition
+    from fastdiff.engine.samplers import guidance_inputs
 
     teacher = MLP(dim=2, hidden=8, depth=1, num_classes=3)
     student = add_scalar_condition(MLP(dim=2, hidden=8, depth=1, num_classes=3), "w")

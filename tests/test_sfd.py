@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from fastdiff.models import MLP
-from fastdiff.sfd import distill_sfd, sample_sfd, stage2
-from fastdiff.solvers import dpmpp_sample, sfd_grid
+from fastdiff.engine.grids import sfd_grid
+from fastdiff.engine.models import MLP
+from fastdiff.engine.solvers import dpmpp_sample
+from fastdiff.methods.sfd import distill_sfd, sample_sfd, stage2
 
 MU = torch.tensor([0.5, -0.3], dtype=torch.float64)
 S = 0.4
@@ -124,7 +125,7 @@ def test_step_conditioned_student_sfd_v():
 
 
 def test_add_steps_condition_keeps_outputs():
-    from fastdiff.models import add_scalar_condition
+    from fastdiff.engine.models import add_scalar_condition
 
     m = MLP(dim=2, hidden=16, depth=1)
     with torch.no_grad():  # nonzero outputs (the fresh output layer is zero)
@@ -153,7 +154,7 @@ def test_bad_arguments_are_named(kw, match):
 def test_compare_subcommand_registers():
     import argparse
 
-    from fastdiff.compare import add_parser, run_compare
+    from fastdiff.apps.compare import add_parser, run_compare
 
     parser = argparse.ArgumentParser(prog="fastdiff")
     add_parser(parser.add_subparsers(dest="command"))

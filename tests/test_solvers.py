@@ -13,15 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.samplers import sample, time_grid
-from fastdiff.schedules import CosineSchedule
-from fastdiff.solvers import (
-    _ell,
-    dpmpp_sample,
-    interval_grid,
-    sfd_grid,
-    solve_interval,
-)
+from fastdiff.engine.grids import interval_grid, sfd_grid, time_grid
+from fastdiff.engine.samplers import sample
+from fastdiff.engine.schedules import CosineSchedule
+from fastdiff.engine.solvers import _ell, dpmpp_sample, solve_interval
 
 SCHED = CosineSchedule()
 

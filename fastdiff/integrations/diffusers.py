@@ -61,8 +61,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdiff.checkpoint import CheckpointError, atomic_dir
-from fastdiff.schedules import Schedule, _as_tensor, to_v
+from fastdiff.engine.checkpoint import CheckpointError, atomic_dir
+from fastdiff.engine.schedules import Schedule, _as_tensor, to_v
 
 __all__ = [
     "DiffusersFolderError",
@@ -75,7 +75,7 @@ __all__ = [
 
 INSTALL_HINT = "pip install fastdiff[diffusers]"
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-# diffusers' names and fastdiff's kinds (fastdiff.schedules.to_v)
+# diffusers' names and fastdiff's kinds (fastdiff.engine.schedules.to_v)
 PREDICTION_KINDS = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}
 _ALIASES = {"eps": "epsilon", "x": "sample", "v": "v_prediction"}
 CONVERSION_DELTA = 1e-4  # rad: the conversion angle is clamped into [δ, π/2 − δ]

@@ -31,72 +31,15 @@ from collections.abc import Callable
 
 import torch
 
-from fastdiff.schedules import CosineSchedule, Schedule
+from fastdiff.engine import steppers
+from fastdiff.engine.grids import interval_grid, time_grid
+from fastdiff.engine.schedules import CosineSchedule, Schedule
 
 METHODS = ("dpmpp_3m", "dpmpp_2m", "heun", "ddim", "euler")
-INTERVAL_SPACINGS = ("uniform_lambda", "uniform_t", "edm")
 
 
-# --------------------------------------------------------------------------- grids
-def sfd_grid(steps: int, schedule: Schedule | None = None, *, spacing: str = "edm",
-             sigma_min: float = 0.006, sigma_max: float = 80.0, rho: float = 7.0,
-             afs: bool = False) -> torch.Tensor:
-    """The EDM/SFD grid: `steps` (+1 with AFS) intervals from σ_max down to σ_min, float64.
-
-    Unlike `samplers.time_grid` there is no extra step to t = 0: the sample is read at
-    σ_min (x = z/α there, as EDM does), so every network call moves the state. Returns
-    times of shape (steps + 1,) or (steps + 2,) with `afs` (the first interval is the
-    analytical step and costs no NFE). spacing: "edm" (ρ-polynomial in σ = tan φ),
-    "uniform_lambda" or "uniform_t" (uniform in t between the two levels).
-    """
-    from fastdiff.samplers import time_grid
-
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    schedule = schedule or CosineSchedule()
-    intervals = steps + (1 if afs else 0)
-    if spacing == "uniform_t":
-        ends = torch.tensor([float(sigma_max), float(sigma_min)], dtype=torch.float64)
-        t_hi, t_lo = (float(t) for t in schedule.t_from_phi(torch.atan(ends)))
-        return torch.linspace(t_hi, t_lo, intervals + 1, dtype=torch.float64)
-    # time_grid(n) gives n levels σ_max … σ_min then t = 0; drop the t = 0.
-    return time_grid(intervals + 1, schedule, spacing=spacing, sigma_min=sigma_min,
-                     sigma_max=sigma_max, rho=rho)[:-1].contiguous()
 
 
-def interval_grid(t_from: float, t_to: float, substeps: int, schedule: Schedule, *,
-                  spacing: str = "uniform_lambda", rho: float = 7.0) -> torch.Tensor:
-    """`substeps` + 1 times from t_from down to t_to (float64), spaced by `spacing`.
-
-    "uniform_lambda" needs both ends strictly inside (0, 1); where an end is t = 0 or t = 1
-    it falls back to "edm" (ρ-polynomial in σ = tan φ, fine at σ = 0) or, from t = 1
-    (σ = ∞), to "uniform_t".
-    """
-    if spacing not in INTERVAL_SPACINGS:
-        raise ValueError(f"spacing={spacing!r} is not valid; expected one of {INTERVAL_SPACINGS}")
-    if not isinstance(substeps, int) or substeps < 1:
-        raise ValueError(f"substeps must be a positive integer, got {substeps!r}")
-    t_from, t_to = float(t_from), float(t_to)
-    if not t_from > t_to:
-        raise ValueError(f"t_from ({t_from}) must be above t_to ({t_to})")
-    s_hi = math.tan(float(schedule.phi(t_from)))
-    s_lo = math.tan(float(schedule.phi(t_to)))
-    infinite_top = t_from >= 1.0 or not math.isfinite(s_hi) or s_hi > 1e8
-    if spacing == "uniform_lambda" and (s_lo <= 0 or infinite_top):
-        spacing = "uniform_t" if infinite_top else "edm"
-    if spacing == "edm" and infinite_top:
-        spacing = "uniform_t"
-    i = torch.arange(substeps + 1, dtype=torch.float64) / substeps
-    if spacing == "uniform_t":
-        t = t_from + i * (t_to - t_from)
-    else:
-        if spacing == "uniform_lambda":
-            sig = torch.exp(math.log(s_hi) + i * (math.log(s_lo) - math.log(s_hi)))
-        else:
-            sig = (s_hi ** (1 / rho) + i * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
-        t = schedule.t_from_phi(torch.atan(sig))
-    t[0], t[-1] = t_from, t_to  # exact ends (the round trip through tan is not)
-    return t
 
 
 # --------------------------------------------------------------------------- one step
@@ -210,13 +153,11 @@ def dpmpp_sample(f: Callable, noise: torch.Tensor, steps: int, *, order: int = 3
                  final_x: bool = True):
     """DPM-Solver++(2M/3M) sampling from `noise` (B, ...). Returns (x, nfe per sample).
 
-    The grid is `samplers.time_grid(steps, schedule, spacing=..., sigma_min, sigma_max, rho)`
+    The grid is `grids.time_grid(steps, schedule, spacing=..., sigma_min, sigma_max, rho)`
     (ends at t = 0; the last step is first order), or `times` (a decreasing float64 grid,
     e.g. `sfd_grid(...)`, which may end at σ_min > 0: then x = z/α is returned when
     `final_x`). With `afs` the first step costs no network call (nfe = steps − 1).
     """
-    from fastdiff.samplers import time_grid
-
     schedule = schedule or CosineSchedule()
     if times is None:
         times = time_grid(steps, schedule, spacing=spacing, sigma_min=sigma_min,
@@ -243,8 +184,6 @@ def solve_interval(f: Callable, z: torch.Tensor, t_from: float, t_to: float, sub
     intervals to continue one multistep trajectory (without it each interval restarts at
     order 1). Returns (z at t_to in z's dtype, nfe).
     """
-    from fastdiff.samplers import _ddim, _euler, _heun
-
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; expected one of {METHODS}")
     schedule = schedule or CosineSchedule()
@@ -255,5 +194,5 @@ def solve_interval(f: Callable, z: torch.Tensor, t_from: float, t_to: float, sub
                          lower_order_final=False, history=history)
     if afs:
         raise ValueError("afs is implemented for the dpmpp methods only")
-    step = {"ddim": _ddim, "euler": _euler, "heun": _heun}[method]
+    step = {"ddim": steppers.ddim, "euler": steppers.euler, "heun": steppers.heun}[method]
     return step(f, z, grid, schedule, None)

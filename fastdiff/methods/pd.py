@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdiff.engine.nvtx import phase
+from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.kernels import ddim_step, distill_loss, fused_pd_loss, pd_target
-from fastdiff.profiling import phase
-from fastdiff.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.training import (
     EMA,
     LOG_EVERY,
@@ -147,7 +147,7 @@ def wrap_replicated(train_model, student: nn.Module, wrap_student):
         raise NotImplementedError(
             "wrap_student sharded the student's parameters (FSDP): fastdiff's distillation "
             "loops build their optimizer, EMA and rank-0 checkpoints on full local parameters, "
-            "so use a replicating wrapper (fastdiff.distributed.ddp_wrapper); see "
+            "so use a replicating wrapper (fastdiff.engine.parallel.ddp_wrapper); see "
             "fsdp_wrapper's docstring for what FSDP needs")
     return wrapped
 
@@ -228,7 +228,7 @@ def save_training_state(path, *, student, ema, opt, k, history, fingerprint):
     """Write a loop's whole state atomically (safetensors + JSON, no pickle): the student
     (unwrapped), EMA and optimizer state, the global RNG, the next update `k`, the history
     dataclass and the settings fingerprint."""
-    from fastdiff.checkpoint import flatten_state_dict, rng_state, save_state
+    from fastdiff.engine.checkpoint import flatten_state_dict, rng_state, save_state
 
     tensors, meta = {}, {}
     for name, sd in (("student", _unwrap(student).state_dict()),
@@ -245,7 +245,12 @@ def load_training_state(path, *, student, ema, opt, fingerprint, history_type=No
     """Restore what `save_training_state` wrote into `student`, `ema`, `opt` and the RNG;
     returns (k, history as `history_type`, default RoundHistory). A state written under
     other settings raises CheckpointError listing the differences."""
-    from fastdiff.checkpoint import CheckpointError, load_state, set_rng_state, unflatten_state_dict
+    from fastdiff.engine.checkpoint import (
+        CheckpointError,
+        load_state,
+        set_rng_state,
+        unflatten_state_dict,
+    )
 
     tensors, meta = load_state(path)
     if meta.get("fingerprint") != fingerprint:
@@ -299,7 +304,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     extra_cond: optional `f(generator, n) -> {name: tensor (n,)}` drawing further per-example
     conditions each update (guided distillation draws w ~ U[w_min, w_max] this way).
     """
-    from fastdiff.data import as_dataset
+    from fastdiff.engine.data import as_dataset
 
     if not isinstance(teacher_steps, int) or teacher_steps < 2 or teacher_steps % 2:
         raise ValueError(f"teacher_steps must be an even integer >= 2, got {teacher_steps!r}")
@@ -345,7 +350,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
                                              fingerprint=fingerprint)
         history.resumed_from = start
     if world_size > 1:  # every rank must resume from the same update (shared checkpoint_dir)
-        from fastdiff.distributed import check_same
+        from fastdiff.engine.parallel import check_same
 
         check_same((teacher_steps, start), "(the round's teacher steps, the update to resume at)")
 
@@ -422,7 +427,7 @@ def _mean_over_ranks(x, world_size: int):
     """Mean over ranks (identity for one process): metrics, and the ranks' shared decisions."""
     if world_size == 1:
         return x
-    from fastdiff.distributed import all_reduce_mean
+    from fastdiff.engine.parallel import all_reduce_mean
 
     return all_reduce_mean(x)
 
@@ -461,7 +466,7 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     if len(per_round) != n_rounds:
         raise ValueError(f"updates lists {len(per_round)} rounds, but {start_steps} -> "
                          f"{end_steps} takes {n_rounds}")
-    from fastdiff.checkpoint import load, save
+    from fastdiff.engine.checkpoint import load, save
 
     results = []
     current = teacher
@@ -495,7 +500,7 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
 def _finished_round(path: Path, teacher_steps: int) -> dict | None:
     """The metadata saved with a finished round's student at `path`, or None if there is no
     readable checkpoint of the round from `teacher_steps` there."""
-    from fastdiff.checkpoint import CheckpointError, load_config
+    from fastdiff.engine.checkpoint import CheckpointError, load_config
 
     try:
         meta = load_config(path).get("metadata", {})

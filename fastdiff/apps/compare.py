@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.sfd import distill_sfd, sample_sfd
-from fastdiff.solvers import dpmpp_sample, sfd_grid
+from fastdiff.engine.grids import sfd_grid
+from fastdiff.engine.solvers import dpmpp_sample
+from fastdiff.methods.sfd import distill_sfd, sample_sfd
 
 
 def _scorer(metric, n: int, teacher, seed: int = 1234):
     """(FID-digits, MSE to the teacher's 64-step DPM-Solver++(3M) sample) of a sampler, on a
     fixed draw of noise and uniform labels. The MSE is the quantity distillation optimises
     and is far less noisy than FID-digits at this size."""
-    from fastdiff.demo import eval_batch
+    from fastdiff.apps.demo import eval_batch
 
     noise, labels = eval_batch(n, seed)
     cond = {"y": labels}
@@ -57,16 +58,16 @@ def run_compare(out_dir, *, teacher=None, quick: bool = False, progress: bool = 
                 batch_size: int = 128, seed: int = 0, log=print) -> dict:
     """Run PD and SFD from one digits teacher and write the time-to-quality report.
 
-    teacher: a digits v-model (default `fastdiff.demo.digits_teacher()`, trained once and
+    teacher: a digits v-model (default `fastdiff.apps.demo.digits_teacher()`, trained once and
     cached); quick: PD from 16 steps with fewer updates (minutes on a CPU); pd_start /
     pd_updates (per round) / sfd_updates ({nfe: updates}) / eval_every override the mode's
     defaults. Returns the numbers written to compare.json.
     """
-    from fastdiff.data import load_dataset
-    from fastdiff.demo import digits_teacher
-    from fastdiff.metrics import DigitsFID
-    from fastdiff.pd import progressive_distill
-    from fastdiff.report import save_curves, write_text
+    from fastdiff.apps.demo import digits_teacher
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.eval.metrics import DigitsFID
+    from fastdiff.eval.report import save_curves, write_text
+    from fastdiff.methods.pd import progressive_distill
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def run_compare(out_dir, *, teacher=None, quick: bool = False, progress: bool = 
         f"{res['teacher_dpmpp_3m_32']:.3f}; floor {metric.floor:.3f}")
 
     # ---- progressive distillation
-    from fastdiff.samplers import sample
+    from fastdiff.engine.samplers import sample
 
     pd_curve, elapsed = [], 0.0
 
@@ -244,7 +245,7 @@ def add_parser(subparsers):
     def run(args):
         teacher = None
         if args.teacher:
-            from fastdiff.checkpoint import load
+            from fastdiff.engine.checkpoint import load
 
             teacher = load(args.teacher)
         t0 = time.perf_counter()

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastdiff.profiling import phase
-from fastdiff.schedules import CosineSchedule, Schedule, per_sample
+from fastdiff.engine.nvtx import phase
+from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 
 
 class EMA:
@@ -152,7 +152,7 @@ def flush_losses(pending: list, into: list, world_size: int = 1) -> None:
         return
     losses = torch.stack(pending).float()
     if world_size > 1:
-        from fastdiff.distributed import all_reduce_mean
+        from fastdiff.engine.parallel import all_reduce_mean
 
         losses = all_reduce_mean(losses)
     into.extend(losses.tolist())
@@ -194,18 +194,18 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
                   wrap_model=None) -> nn.Module:
     """Train a v-prediction diffusion model on `data`; returns its EMA copy (eval mode).
 
-    data: a tensor (N, ...), an (examples, labels) pair, a `fastdiff.data.Dataset` or a
+    data: a tensor (N, ...), an (examples, labels) pair, a `fastdiff.engine.data.Dataset` or a
     dataset name. Class labels (if any, and if the model has `num_classes > 0`) are replaced by
     the null label −1 with probability `label_dropout`, so the model also learns the
     unconditional v̂ for classifier-free guidance. The returned model carries `.schedule` and
     `.train_history` (loss per update, wall time in s, samples/s).
 
-    Data parallel (under torchrun, see fastdiff.distributed): batch_size is the global batch;
+    Data parallel (under torchrun, see fastdiff.engine.parallel): batch_size is the global batch;
     rank r of world_size trains on its slice of every global batch (same draws as one
     process), `wrap_model` wraps the training module (e.g. `ddp_wrapper(device)`), the
     logged loss is averaged over ranks and only rank 0 shows progress.
     """
-    from fastdiff.data import as_dataset
+    from fastdiff.engine.data import as_dataset
 
     if updates < 1 or batch_size < 1:
         raise ValueError(f"updates and batch_size must be >= 1, got {updates}, {batch_size}")

@@ -4,7 +4,7 @@ Runs N PD updates of a U-Net (the demo one by default) on random data, exactly a
 `distill_round` does them (draw_batch, pd_update, backward + clipping, optimizer step, EMA),
 and prints
 
-1. a per-phase wall-time breakdown from the `fastdiff.profiling` listeners (phases are
+1. a per-phase wall-time breakdown from the `fastdiff.engine.nvtx` listeners (phases are
    the NVTX ranges ``fastdiff/<phase>``; on CUDA each boundary synchronises so device time
    lands in its phase), and
 2. the torch profiler's view: the same phases as ``record_function`` ranges (CPU and device
@@ -27,10 +27,10 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from fastdiff import profiling
-from fastdiff.pd import PDBatch, draw_batch, pd_update
-from fastdiff.profiling import phase
-from fastdiff.schedules import CosineSchedule
+from fastdiff.engine import nvtx as profiling
+from fastdiff.engine.nvtx import phase
+from fastdiff.engine.schedules import CosineSchedule
+from fastdiff.methods.pd import PDBatch, draw_batch, pd_update
 from fastdiff.training import EMA, autocast_for, make_optimizer, maybe_compile
 
 #: The U-Nets benchmarked and profiled: the demo's (digits, 8×8) and a CIFAR-sized one.
@@ -45,7 +45,7 @@ MODELS = {
 def build_pair(model: str = "demo", device=None, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(teacher, student): a random-init U-Net teacher (its zero-initialised output layer
     re-drawn, so that it predicts a non-zero v) and the student as its copy, as in PD."""
-    from fastdiff.models import UNet
+    from fastdiff.engine.models import UNet
 
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(MODELS)}")
@@ -59,7 +59,7 @@ def build_pair(model: str = "demo", device=None, seed: int = 0) -> tuple[nn.Modu
 
 def random_batch(teacher: nn.Module, batch_size: int, student_steps: int, *, seed: int = 0,
                  device=None, schedule=None) -> PDBatch:
-    """One PD batch over random images of the teacher's shape (fastdiff.pd.draw_batch)."""
+    """One PD batch over random images of the teacher's shape (fastdiff.methods.pd.draw_batch)."""
     shape = (teacher.in_channels, teacher._kwargs["image_size"], teacher._kwargs["image_size"])
     gen = torch.Generator().manual_seed(seed)
     examples = torch.rand((max(batch_size, 64), *shape), generator=gen) * 2 - 1
@@ -109,7 +109,7 @@ class PDStep:
 
 
 class PhaseTimer:
-    """A `fastdiff.profiling` listener summing wall time per phase (seconds).
+    """A `fastdiff.engine.nvtx` listener summing wall time per phase (seconds).
 
     On CUDA it synchronises at each boundary, so queued device work is charged to the
     phase that launched it (this serialises the GPU a little; the totals stay honest).

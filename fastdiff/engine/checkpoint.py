@@ -37,8 +37,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fastdiff.models import build_model
-from fastdiff.schedules import CosineSchedule, schedule_from_config
+from fastdiff.engine.models import build_model
+from fastdiff.engine.schedules import CosineSchedule, schedule_from_config
 
 __all__ = [
     "CheckpointError",

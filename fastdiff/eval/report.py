@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.checkpoint import atomic_write
+from fastdiff.engine.checkpoint import atomic_write
 
 
 def write_text(path, text: str) -> Path:

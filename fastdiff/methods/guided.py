@@ -1,6 +1,6 @@
 """Distilling classifier-free-guided models (Meng et al., CVPR 2023).
 
-Guidance convention (DESIGN.md §2, `fastdiff.samplers.guided_model`): for a teacher trained
+Guidance convention (DESIGN.md §2, `fastdiff.engine.samplers.guided_model`): for a teacher trained
 with label dropout (null label −1),
 
     v̂^w(z, c) = (1 + w) v̂(z, c) − w v̂(z, ∅)
@@ -18,11 +18,12 @@ w = 0) and learns v̂_η(z, c, w) ≈ v̂^w(z, c) for w ~ U[w_min, w_max]:
 
 with the guidance combination fused into the loss kernel (`fastdiff.kernels.guided_loss`).
 
-Stage 2 (`distill_guided_steps`): progressive distillation (`fastdiff.pd`) of the stage-1
+Stage 2 (`distill_guided_steps`): progressive distillation (`fastdiff.methods.pd`) of the stage-1
 model with w drawn per example each update, halving the DDIM step count down to 1. The
 student samples with one pass per step: `sample(student, noise, N, cond={"y": y, "w": w})`.
 
-The stochastic N-step sampler (`stochastic_sample`, `sample(..., sampler="stochastic")`):
+The stochastic N-step sampler (`fastdiff.engine.steppers.stochastic_sample`,
+`sample(..., sampler="stochastic")`):
 from t = i/N, one deterministic DDIM step of twice the length to u = (i−2)/N, then forward
 renoising to s = (i−1)/N with fresh noise, z_s = (α_s/α_u) z_u + σ_{s|u} ξ; the last step
 (from 1/N) is a plain DDIM step to 0. Its student (`distill_stochastic`) is trained to take
@@ -42,10 +43,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdiff.engine.models import add_scalar_condition
+from fastdiff.engine.nvtx import phase
+from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.kernels import ddim_step, distill_loss
 from fastdiff.kernels.guided_loss import guided_distill_loss
-from fastdiff.models import add_scalar_condition
-from fastdiff.pd import (
+from fastdiff.methods.pd import (
     WEIGHTINGS,
     RoundHistory,
     RoundResult,
@@ -58,8 +61,6 @@ from fastdiff.pd import (
     update_generator,
     wrap_replicated,
 )
-from fastdiff.profiling import phase
-from fastdiff.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.training import (
     EMA,
     LOG_EVERY,
@@ -85,7 +86,6 @@ __all__ = [
     "distill_guided_steps",
     "distill_stochastic",
     "stochastic_target",
-    "stochastic_sample",
     "distill_guided_cli",
 ]
 
@@ -106,7 +106,7 @@ def check_w_range(w_min, w_max) -> tuple[float, float]:
 
 def w_sampler(w_min: float, w_max: float):
     """`f(generator, n) -> {"w": (n,) float32}` with w ~ U[w_min, w_max]: the per-update
-    extra condition of stage 2 (`fastdiff.pd.distill_round(extra_cond=...)`)."""
+    extra condition of stage 2 (`fastdiff.methods.pd.distill_round(extra_cond=...)`)."""
     w_min, w_max = check_w_range(w_min, w_max)
 
     def draw(generator: torch.Generator, n: int) -> dict:
@@ -229,7 +229,7 @@ def guidance_error(student, teacher, data, ws=(0.0, 1.0, 2.0, 4.0), *, size: int
     On `size` held-out examples of `data` at t ~ U(0, 1) (fixed by `seed`), norms over the
     whole batch; v̂^w is the teacher's two-pass guided output. Returns {w: error}.
     """
-    from fastdiff.data import as_dataset
+    from fastdiff.engine.data import as_dataset
 
     dataset = as_dataset(data)
     _needs_labels(teacher, dataset)
@@ -267,9 +267,9 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     target's scale with w, so that every w counts by its *relative* error (without it the
     large-w examples dominate the loss and the w = 0 output drifts from the teacher it
     started as); student: start from this module instead of a copy of the teacher; rank,
-    world_size, wrap_student: data parallelism as in `fastdiff.pd.distill_round` (batch_size
+    world_size, wrap_student: data parallelism as in `fastdiff.methods.pd.distill_round` (batch_size
     is the global batch, each rank trains on its slice, `wrap_student`, e.g.
-    `fastdiff.distributed.ddp_wrapper(device)`, averages the gradients, so K ranks train what
+    `fastdiff.engine.parallel.ddp_wrapper(device)`, averages the gradients, so K ranks train what
     one process trains); checkpoint_dir: if given, the training state (student, EMA,
     optimizer, position, history, a fingerprint of the settings) is written atomically to
     `checkpoint_dir/stage1.state` every `checkpoint_every` updates and at the end (rank 0),
@@ -283,7 +283,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
 
     Returns GuidanceResult(student = EMA weights in eval mode with `.schedule`, history).
     """
-    from fastdiff.data import as_dataset
+    from fastdiff.engine.data import as_dataset
 
     w_min, w_max = check_w_range(w_min, w_max)
     for name, value in (("updates", updates), ("batch_size", batch_size),
@@ -339,7 +339,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
             setattr(history, name, {float(w): e for w, e in getattr(history, name).items()})
         history.resumed_from = start
     if world_size > 1:  # every rank resumes from the same update (shared checkpoint_dir)
-        from fastdiff.distributed import check_same
+        from fastdiff.engine.parallel import check_same
 
         check_same(start, "the stage-1 update to resume at")
     if start == 0:
@@ -414,7 +414,7 @@ def distill_guided_steps(stage1_student, data, *, w_min: float = 0.0, w_max: flo
     """Stage 2 of Meng et al.: progressive distillation of the w-conditioned stage-1 model.
 
     Each update draws w ~ U[w_min, w_max] per example (from the update's RNG) and passes it to
-    teacher and student alike; otherwise this is `fastdiff.pd.progressive_distill` (halving
+    teacher and student alike; otherwise this is `fastdiff.methods.pd.progressive_distill` (halving
     `start_steps` → `end_steps`; `updates` per round; other keywords go to `distill_round`).
     label_dropout defaults to 0: the stage-1 model was distilled for real labels.
     Returns the rounds' results; each `.student` samples with one pass per step:
@@ -432,51 +432,8 @@ def distill_guided_steps(stage1_student, data, *, w_min: float = 0.0, w_max: flo
 # --------------------------------------------------------------------------- stochastic
 
 
-def _angle(schedule: Schedule, t: float, z: torch.Tensor) -> torch.Tensor:
-    return schedule.phi(torch.full((z.shape[0],), float(t), dtype=torch.float64,
-                                   device=z.device))
 
 
-@torch.no_grad()
-def stochastic_sample(f, noise: torch.Tensor, steps: int, *, schedule: Schedule | None = None,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """Meng et al.'s stochastic N-step sampler for distilled models.
-
-    f: `f(z, t) -> v̂` with the conditioning bound (t float32 (B,)); noise: z₁ (B, ...);
-    steps: N ≥ 1; generator: RNG of the fresh noise (same state → same samples).
-    On the grid t_i = i/N, from t = i/N with i ≥ 2:
-
-        z_u = rot(z_t, v̂(z_t, t), φ_u − φ_t)                u = (i − 2)/N  (DDIM, 2/N long)
-        z_s = (α_s/α_u) z_u + sqrt(σ_s² − (α_s/α_u)² σ_u²) ξ  s = (i − 1)/N, ξ ~ N(0, I)
-
-    (the VP forward process from u to s), and from t = 1/N one plain DDIM step to 0. One
-    network pass per step: returns (x₀ in noise's dtype, N). The renoising coefficients are
-    formed in float64 (α_u > 0 since u ≤ 1 − 2/N).
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not torch.is_tensor(noise) or not noise.is_floating_point():
-        raise TypeError("noise must be a floating tensor of shape (B, ...)")
-    schedule = schedule or CosineSchedule()
-    z = noise
-    n = steps
-    for i in range(n, 0, -1):
-        t = i / n
-        tt = torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device)
-        v = f(z, tt)
-        phi_t = _angle(schedule, t, z)
-        if i == 1:
-            z = ddim_step(z, v, phi_t, _angle(schedule, 0.0, z))
-            break
-        u, s = (i - 2) / n, (i - 1) / n
-        z_u = ddim_step(z, v, phi_t, _angle(schedule, u, z))
-        phi_u, phi_s = (float(schedule.phi(torch.tensor(x, dtype=torch.float64))) for x in (u, s))
-        ratio = math.cos(phi_s) / math.cos(phi_u)                     # α_{s|u} = α_s / α_u
-        std = math.sqrt(max(math.sin(phi_s) ** 2 - ratio**2 * math.sin(phi_u) ** 2, 0.0))
-        xi = torch.randn(z.shape, generator=generator, dtype=torch.float32,
-                         device="cpu" if generator is None else generator.device)
-        z = (ratio * z_u.float() + std * xi.to(z.device)).to(noise.dtype)
-    return z, n
 
 
 @torch.no_grad()
@@ -546,7 +503,7 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
     Returns RoundResult(student = EMA weights, steps = N, teacher_steps = kN, history with the
     held-out mismatch before and after).
     """
-    from fastdiff.data import as_dataset
+    from fastdiff.engine.data import as_dataset
 
     w_min, w_max = check_w_range(w_min, w_max)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
@@ -641,10 +598,10 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     `--updates`, `--lr` and `--weighting`. A rerun reloads a finished stage 1 trained with
     the same settings and finished rounds, and resumes an interrupted stage 1 or round from
     its last state (`--checkpoint-every` updates). rank, world_size, wrap_student, device: data
-    parallelism under torchrun (`python -m fastdiff.distributed distill --guided ...`); only
+    parallelism under torchrun (`python -m fastdiff.apps.distributed distill --guided ...`); only
     rank 0 prints and writes.
     """
-    from fastdiff.checkpoint import CheckpointError, load, load_config, save
+    from fastdiff.engine.checkpoint import CheckpointError, load, load_config, save
 
     def say(msg):
         if rank == 0:
@@ -693,7 +650,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
                     else:
                         path.unlink()
     if world_size > 1:
-        from fastdiff.distributed import check_same
+        from fastdiff.engine.parallel import check_same
 
         check_same(stage1 is None, "whether stage 1 must be trained")
     if stage1 is None:
@@ -710,7 +667,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
             if rank == 0:
                 (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
             if world_size > 1:  # the others wait here until rank 0 removed it
-                from fastdiff.distributed import check_same
+                from fastdiff.engine.parallel import check_same
 
                 check_same(True, "stage 1 restarts")
             res = distill_guidance(teacher, data, **options)

@@ -3,7 +3,7 @@
 The student is trained directly at its final step count N along the teacher's ODE
 trajectories (Algorithm 2 of the paper). Per trajectory, from noise z = z̃ at σ_max and for
 each interval [t_n, t_{n+1}] of the student grid (EDM's ρ-polynomial over σ = tan φ between
-σ_max and σ_min by default, `solvers.sfd_grid`):
+σ_max and σ_min by default, `grids.sfd_grid`):
 
     z̃_{n+1} = Solver_K(z̃_n, t_n → t_{n+1}; teacher)            (no grad; DPM-Solver++(3M))
     v̂       = student(z_n, t_n)
@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastdiff.engine.grids import sfd_grid
+from fastdiff.engine.nvtx import phase
+from fastdiff.engine.schedules import CosineSchedule, Schedule
+from fastdiff.engine.solvers import METHODS, afs_x_hat, dpmpp_update, solve_interval
 from fastdiff.kernels import ddim_step
 from fastdiff.kernels.sfd_loss import sfd_loss
-from fastdiff.profiling import phase
-from fastdiff.schedules import CosineSchedule, Schedule
-from fastdiff.solvers import METHODS, afs_x_hat, dpmpp_update, sfd_grid, solve_interval
 from fastdiff.training import (
     EMA,
     LOG_EVERY,
@@ -169,7 +170,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
     updates: optimizer updates in total (one per interval); batch_size: trajectories per
     update; lr: AdamW learning rate (constant); solver: the teacher's method
     (`solvers.METHODS`); spacing/sigma_max/sigma_min/rho: the student grid
-    (`solvers.sfd_grid`); afs: analytical first step; metric: "l1" (default), "l2",
+    (`grids.sfd_grid`); afs: analytical first step; metric: "l1" (default), "l2",
     "pseudo_huber" (with huber_c); loss_space: "ve" (default, the paper's: the metric on
     x = z/α, i.e. the VP difference divided by α at the interval's end, which up-weights the
     high-noise intervals where the sample's layout is decided) or "vp" (on z);
@@ -178,7 +179,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
     the student (None: the raw weights); eval_every/on_eval:
     `on_eval(result_so_far, update, wall_time_s)` every `eval_every` updates, its return
     value (a float) recorded in `history.eval_values`, its time excluded from the wall time;
-    checkpoint_dir: the student is saved there (`fastdiff.checkpoint.save`) at the end;
+    checkpoint_dir: the student is saved there (`fastdiff.engine.checkpoint.save`) at the end;
     teacher_final: for second-stage distillation, `teacher_final(noise, cond) -> z` at σ_min
     replaces the teacher solve (only with one network step, see `stage2`).
 
@@ -214,7 +215,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
         student = copy.deepcopy(_unwrap(teacher))
     student = student.to(device).train().requires_grad_(True)
     if steps_range is not None and STEPS_COND not in getattr(student, "scalar_conds", ()):
-        from fastdiff.models import add_scalar_condition
+        from fastdiff.engine.models import add_scalar_condition
 
         add_scalar_condition(student, STEPS_COND, scale=1.0 / steps_range[1])
     student.schedule = schedule
@@ -304,7 +305,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
     if checkpoint_dir is not None:
         from pathlib import Path
 
-        from fastdiff.checkpoint import save
+        from fastdiff.engine.checkpoint import save
 
         save(result.student, Path(checkpoint_dir) / f"sfd-{student_steps}-nfe",
              metadata={"times": [float(t) for t in result.times], "afs": afs,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import Dataset, load_dataset
+from fastdiff.engine.data import Dataset, load_dataset
 
 __all__ = [
     "sliced_wasserstein",
@@ -290,7 +290,7 @@ class DigitsFID:
         `cache`: a folder (None: `cache_dir()`; False: train every time, cache nothing).
         `train_options` override the classifier's training settings (seed, epochs, ...).
         """
-        from fastdiff.checkpoint import load_state, save_state
+        from fastdiff.engine.checkpoint import load_state, save_state
 
         cfg = _TrainConfig(**train_options)
         data = load_dataset("digits", seed=0)

@@ -1,7 +1,7 @@
 """The main job on built-in data: a digits teacher, progressive distillation 64 → 1, a report.
 
 `make demo` runs `fastdiff demo`, which calls `run_demo`. The teacher and the FID-digits
-classifier are cached (`fastdiff.metrics.cache_dir()`); finished rounds are kept under the
+classifier are cached (`fastdiff.eval.metrics.cache_dir()`); finished rounds are kept under the
 run folder, so a second run only re-evaluates.
 """
 
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.checkpoint import CheckpointError, load, save
-from fastdiff.data import load_dataset
-from fastdiff.metrics import DigitsFID, cache_dir
-from fastdiff.models import UNet
-from fastdiff.pd import progressive_distill
-from fastdiff.report import markdown_table, save_curves, save_grid, write_text
-from fastdiff.samplers import guidance_inputs, sample
+from fastdiff.engine.checkpoint import CheckpointError, load, save
+from fastdiff.engine.data import load_dataset
+from fastdiff.engine.models import UNet
+from fastdiff.engine.samplers import guidance_inputs, sample
+from fastdiff.eval.metrics import DigitsFID, cache_dir
+from fastdiff.eval.report import markdown_table, save_curves, save_grid, write_text
+from fastdiff.methods.pd import progressive_distill
 from fastdiff.training import train_teacher
 
 

@@ -25,7 +25,7 @@ def _steps_list(text: str) -> list[int]:
 
 
 def _load_model(path):
-    from fastdiff.checkpoint import load
+    from fastdiff.engine.checkpoint import load
 
     return load(path)
 
@@ -40,9 +40,9 @@ def _is_digits(dataset) -> bool:
 def cmd_train_teacher(args) -> None:
     import torch
 
-    from fastdiff.checkpoint import save
-    from fastdiff.data import load_dataset
-    from fastdiff.models import UNet, default_model_for
+    from fastdiff.engine.checkpoint import save
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.engine.models import UNet, default_model_for
     from fastdiff.training import train_teacher
 
     data = load_dataset(args.data, seed=args.seed)
@@ -67,22 +67,22 @@ def cmd_train_teacher(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from fastdiff.data import load_dataset
+    from fastdiff.engine.data import load_dataset
 
     run_distill(_load_model(args.teacher), load_dataset(args.data, seed=args.seed), args)
 
 
 def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap_student=None,
                 device=None) -> None:
-    """`distill`'s work, in one process or as one rank under torchrun (`fastdiff.distributed`:
+    """`distill`'s work, in one process or as one rank under torchrun (`fastdiff.engine.parallel`:
     rank, world_size, wrap_student, device); only rank 0 prints and writes."""
-    from fastdiff.checkpoint import save
-    from fastdiff.pd import progressive_distill, round_summary
+    from fastdiff.engine.checkpoint import save
+    from fastdiff.methods.pd import progressive_distill, round_summary
 
     parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
                 "device": device}
     if args.guided:
-        from fastdiff.guided import distill_guided_cli
+        from fastdiff.methods.guided import distill_guided_cli
 
         distill_guided_cli(teacher, data, args, **parallel)
         return
@@ -113,8 +113,8 @@ def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap
 def cmd_sample(args) -> None:
     import torch
 
-    from fastdiff.report import save_grid, save_scatter
-    from fastdiff.samplers import guidance_inputs, sample
+    from fastdiff.engine.samplers import guidance_inputs, sample
+    from fastdiff.eval.report import save_grid, save_scatter
 
     model = _load_model(args.model)
     shape = _example_shape(model)
@@ -151,17 +151,17 @@ def _example_shape(model):
 def cmd_eval(args) -> None:
     import torch
 
-    from fastdiff.data import load_dataset
-    from fastdiff.metrics import DigitsFID, energy_distance, sliced_wasserstein
-    from fastdiff.report import markdown_table
-    from fastdiff.samplers import sample
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.engine.samplers import sample
+    from fastdiff.eval.metrics import DigitsFID, energy_distance, sliced_wasserstein
+    from fastdiff.eval.report import markdown_table
 
     model = _load_model(args.model)
     data = load_dataset(args.data, seed=0)
     rows = []
     if _is_digits(data):
         metric = DigitsFID.load()
-        from fastdiff.demo import digits_fid, eval_batch
+        from fastdiff.apps.demo import digits_fid, eval_batch
 
         if args.guidance is not None and not getattr(model, "num_classes", 0):
             raise ValueError("--guidance needs a class-conditional model")
@@ -193,11 +193,11 @@ def cmd_eval(args) -> None:
 
 def cmd_demo(args) -> None:
     if args.guided:
-        from fastdiff.guided_demo import run_guided_demo
+        from fastdiff.apps.guided_demo import run_guided_demo
 
         run_guided_demo(args.out, progress=not args.quiet)
         return
-    from fastdiff.demo import DEMO_UPDATES, run_demo
+    from fastdiff.apps.demo import DEMO_UPDATES, run_demo
 
     run_demo(args.out, start_steps=args.start_steps,
              updates=args.updates if args.updates else DEMO_UPDATES, progress=not args.quiet)
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(m)
     m.set_defaults(func=cmd_demo)
 
-    for module in ("fastdiff.profile", "fastdiff.compare"):
+    for module in ("fastdiff.apps.profile", "fastdiff.apps.compare"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ImportError:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.schedules import HALF_PI, CosineSchedule, Schedule, to_v
+from fastdiff.engine.schedules import HALF_PI, CosineSchedule, Schedule, to_v
 
 __all__ = [
     "MLP",
@@ -162,7 +162,7 @@ class CondEmbedding(nn.Module):
                 known = ["y"] + list(self.scalars)
                 raise TypeError(
                     f"unexpected conditioning keyword {key!r}; this model accepts {known} "
-                    f"(add a scalar condition with fastdiff.models.add_scalar_condition)"
+                    f"(add a scalar condition with fastdiff.engine.models.add_scalar_condition)"
                 )
 
     def forward(self, batch: int, device, y=None, **scalars):

@@ -1,7 +1,7 @@
 """The guided-distillation demo: `fastdiff demo --guided` on class-conditional digits.
 
 Trains (or reloads) stage 1, stage 2 and the stochastic-sampler student of
-`fastdiff.guided`, scores every model with FID-digits and class accuracy next to the
+`fastdiff.methods.guided`, scores every model with FID-digits and class accuracy next to the
 two-pass guided teacher, and writes `runs/guided/report.md` with each measure of the method
 stated against its target.
 """
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.guided import (
+from fastdiff.engine.samplers import sample
+from fastdiff.engine.schedules import CosineSchedule
+from fastdiff.methods.guided import (
     check_w_range,
     distill_guidance,
     distill_guided_steps,
     distill_stochastic,
 )
-from fastdiff.pd import round_summary
-from fastdiff.samplers import sample
-from fastdiff.schedules import CosineSchedule
+from fastdiff.methods.pd import round_summary
 
 __all__ = ["run_guided_demo"]
 
@@ -67,7 +67,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
                     log=print) -> Path:
     """Guided distillation on class-conditional digits; writes `out/report.md`.
 
-    teacher: a class-conditional digits model (default: `fastdiff.demo.digits_teacher(recipe=
+    teacher: a class-conditional digits model (default: `fastdiff.apps.demo.digits_teacher(recipe=
     teacher_recipe)`, the cached teacher trained with label dropout 0.1). Stage 1
     (`stage1_updates`), then stage 2 from `start_steps` DDIM steps down to 1 (`updates` per
     round), then the stochastic-sampler student for each N in `stochastic_steps`. Every model
@@ -81,11 +81,11 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
     `out/checkpoints/` and reloaded by a rerun. `quick=True`: a tiny teacher and a few
     updates (seconds to minutes; for tests, numbers meaningless).
     """
-    from fastdiff.checkpoint import CheckpointError, load, load_config, save
-    from fastdiff.data import load_dataset
-    from fastdiff.demo import TeacherRecipe, digits_teacher, eval_batch
-    from fastdiff.metrics import DigitsFID
-    from fastdiff.report import markdown_table, save_grid, write_text
+    from fastdiff.apps.demo import TeacherRecipe, digits_teacher, eval_batch
+    from fastdiff.engine.checkpoint import CheckpointError, load, load_config, save
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.eval.metrics import DigitsFID
+    from fastdiff.eval.report import markdown_table, save_grid, write_text
 
     if quick:
         teacher_recipe = teacher_recipe or TeacherRecipe(channels=8, num_res_blocks=1,
@@ -323,7 +323,7 @@ stage 2: progressive distillation {start_steps} → 1 steps, {updates} updates p
 {lr}, batch {batch_size}; stochastic-sampler students for N ∈ {list(stochastic_steps)}
 ({stochastic_updates} updates each; teacher: the deterministic 2N-step student, four of its
 steps per 2/N as in the paper, or the N-step one where there is no 2N-step student; see
-`fastdiff.guided.distill_stochastic`).
+`fastdiff.methods.guided.distill_stochastic`).
 
 FID-digits: Fréchet distance in the features of a small digit classifier between {n} samples
 and the training split (floor, held-out vs train: {metric.floor:.3f}); not Inception FID;
