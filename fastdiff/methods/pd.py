@@ -19,11 +19,10 @@ one process with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,37 +32,34 @@ from torch import nn
 from fastdiff.engine.nvtx import phase
 from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.kernels import ddim_step, distill_loss, fused_pd_loss, pd_target
-from fastdiff.training import (
-    EMA,
-    LOG_EVERY,
-    Progress,
-    _unwrap,
-    autocast_for,
-    check_global_batch,
-    flush_losses,
-    linear_lr,
-    make_optimizer,
-    maybe_compile,
-    model_device,
-    optimizer_update,
+from fastdiff.training.parts import _unwrap, autocast_for, model_device
+from fastdiff.training.runner import (
+    History,
+    Method,
+    RunConfig,
+    fingerprint_tensors,
+    json_safe,
+    run,
+    update_generator,
 )
 
 WEIGHTINGS = ("snr_trunc", "snr+1", "const")
 
 
-@dataclass
-class RoundHistory:
-    """What one round cost and what it reached (times in seconds)."""
 
-    loss: list = field(default_factory=list)           # training loss per update
-    eval_updates: list = field(default_factory=list)   # update index of each held-out eval
-    heldout_mismatch: list = field(default_factory=list)  # EMA student vs two teacher steps
-    initial_mismatch: float = float("nan")             # the untrained copy of the teacher
-    wall_time: float = 0.0
-    samples_per_s: float = 0.0
-    updates_done: int = 0
-    stopped_by: str = ""                               # "updates" or "converged"
-    resumed_from: int = 0                              # update index a resume started at
+
+@dataclass
+class RoundHistory(History):
+    """A round's history (`runner.History`); `heldout` is the EMA student's weighted
+    mismatch against two teacher steps on held-out z_t, `initial` the untrained copy's."""
+
+    @property
+    def heldout_mismatch(self) -> list:
+        return self.heldout
+
+    @property
+    def initial_mismatch(self) -> float:
+        return float("nan") if self.initial is None else self.initial
 
 
 @dataclass
@@ -87,10 +83,6 @@ def _is_pow2(n) -> bool:
     return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
 
 
-def update_generator(seed: int, round_tag: str, k: int) -> torch.Generator:
-    """The RNG for update k of a round: a hash of (seed, round, k), independent of history."""
-    digest = hashlib.blake2b(f"{seed}/{round_tag}/{k}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 @dataclass
@@ -272,6 +264,16 @@ def load_training_state(path, *, student, ema, opt, fingerprint, history_type=No
     return int(meta["update"]), (history_type or RoundHistory)(**meta["history"])
 
 
+
+
+
+
+
+
+
+
+
+
 def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
                   batch_size: int = 128, lr: float = 1e-4, weighting: str = "snr_trunc",
                   ema_decay: float = 0.995, grad_clip: float = 1.0, label_dropout: float = 0.1,
@@ -281,45 +283,72 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
                   checkpoint_dir=None, checkpoint_every: int = 200, progress: bool = True,
                   device=None, student: nn.Module | None = None, rank: int = 0,
                   world_size: int = 1, wrap_student=None, on_eval=None,
-                  extra_cond=None) -> RoundResult:
+                  extra_cond=None, extra_settings: dict | None = None,
+                  max_skips: int = 20) -> RoundResult:
     """One halving of progressive distillation: a student for teacher_steps / 2 DDIM steps.
 
-    teacher: v-prediction model `teacher(z, t, **cond)` (frozen; never gets gradients);
-    data: tensor (N, ...), (examples, labels), a Dataset or a dataset name; teacher_steps: the
-    teacher's step count 2N (even, ≥ 2); updates: the most optimizer updates this round takes;
-    batch_size: examples per update (the global batch across ranks); lr: AdamW peak learning
-    rate, annealed linearly to 0 over the round (the paper's recipe; the optimizer is fresh
-    each round); weighting: "snr_trunc" (default), "snr+1" or "const" (DESIGN.md §2).
-
-    Convergence: with `tolerance` set, the held-out mismatch (EMA student, every `eval_every`
-    updates) must improve by a relative `tolerance` over its best within `patience` evals, or
-    the round stops early (`history.stopped_by == "converged"`). Crash safety: with
-    `checkpoint_dir`, the round state (student, EMA, optimizer, RNG, position) is written
-    atomically every `checkpoint_every` updates, and a rerun with the same settings resumes
-    from it.
+    Args:
+        teacher: v-prediction model `teacher(z, t, **cond)` (frozen; never gets gradients).
+        data: tensor (N, ...), (examples, labels), a Dataset or a dataset name.
+        teacher_steps: the teacher's step count 2N (even, ≥ 2).
+        updates: the most optimizer updates this round takes; batch_size: examples per
+            update (the global batch across ranks); lr: AdamW peak learning rate, annealed
+            linearly to 0 over the round (the paper's recipe; the optimizer is fresh each
+            round); weighting: "snr_trunc" (default), "snr+1" or "const" (DESIGN.md §2).
+        tolerance, patience, eval_every: with `tolerance` set, the held-out mismatch (EMA
+            student, every `eval_every` updates) must improve by a relative `tolerance` over
+            its best within `patience` evals, or the round stops early
+            (`history.stopped_by == "converged"`).
+        checkpoint_dir: the round state (student, EMA, optimizer, RNG, position) is written
+            atomically there every `checkpoint_every` updates and at the end, and a rerun with
+            the same settings (teacher weights and data included) resumes from it.
+        extra_cond: optional `f(generator, n) -> {name: tensor (n,)}` drawing further
+            per-example conditions each update (guided stage 2 draws w ~ U[w_min, w_max]);
+            extra_settings: what defines it, for the fingerprint.
+        rank, world_size, wrap_student: data parallelism (`fastdiff.training.runner`).
+        max_skips: consecutive non-finite updates (each skipped) before `NonFiniteError`.
 
     Returns RoundResult(student = EMA weights, steps = teacher_steps // 2, teacher_steps,
     history).
-
-    extra_cond: optional `f(generator, n) -> {name: tensor (n,)}` drawing further per-example
-    conditions each update (guided distillation draws w ~ U[w_min, w_max] this way).
     """
+    plan = _round_plan(teacher, data, teacher_steps=teacher_steps, weighting=weighting,
+                       label_dropout=label_dropout, schedule=schedule, seed=seed,
+                       heldout_size=heldout_size, device=device, student=student,
+                       extra_cond=extra_cond, extra_settings=extra_settings)
+    config = RunConfig(
+        updates=updates, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+        grad_clip=grad_clip, seed=seed, eval_every=eval_every, tolerance=tolerance,
+        patience=patience, checkpoint_every=checkpoint_every, max_skips=max_skips,
+        checkpoint=_state_path(checkpoint_dir, teacher_steps) if checkpoint_dir else None,
+        autocast=autocast, compile=compile, progress=progress, rank=rank,
+        world_size=world_size, wrap_student=wrap_student, device=plan.device,
+        on_eval=on_eval)
+    result = run(plan.method, config, history=RoundHistory())
+    out = result.student
+    out.schedule = plan.schedule
+    out.sample_steps = teacher_steps // 2
+    return RoundResult(student=out, steps=teacher_steps // 2, teacher_steps=teacher_steps,
+                       history=result.history)
+
+
+@dataclass
+class _Plan:
+    method: Method
+    schedule: Schedule
+    device: torch.device
+
+
+def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, schedule, seed,
+                heldout_size, device, student, extra_cond, extra_settings) -> _Plan:
+    """The round as a runner `Method` (its draw, loss, held-out measure and settings)."""
     from fastdiff.engine.data import as_dataset
 
     if not isinstance(teacher_steps, int) or teacher_steps < 2 or teacher_steps % 2:
         raise ValueError(f"teacher_steps must be an even integer >= 2, got {teacher_steps!r}")
-    for name, value in (("updates", updates), ("batch_size", batch_size),
-                        ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
-    check_global_batch(batch_size, world_size)
-    if tolerance is not None and not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0 or None, got {tolerance!r}")
     if not callable(teacher):
         raise TypeError("teacher must be a callable model(z, t, **cond) -> v_hat")
-
     schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(teacher)
     dataset = as_dataset(data)
@@ -327,120 +356,42 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
     teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
     if teacher_module is not None:
         teacher_module.eval().requires_grad_(False)
+    # a given student is part of what defines the round; the default copy of the teacher not
+    start_from = fingerprint_tensors(student) if student is not None else "teacher"
     if student is None:
         if teacher_module is None:
             raise TypeError("a plain-callable teacher needs an explicit `student` module")
         student = copy.deepcopy(teacher_module)
-    student = student.to(device).train().requires_grad_(True)
     use_labels = dataset.num_classes > 0 and getattr(student, "num_classes", 0) > 0
-    examples = dataset.train
-    labels = dataset.train_labels
+    examples, labels = dataset.train, dataset.train_labels
+    held: list = []
 
-    opt = make_optimizer(student, lr)
-    ema = EMA(student, ema_decay)
-    fingerprint = settings_fingerprint(teacher_steps=teacher_steps, updates=updates,
-                                     batch_size=batch_size, lr=lr, weighting=weighting,
-                                     ema_decay=ema_decay, seed=seed, world_size=world_size,
-                                     tolerance=tolerance, label_dropout=label_dropout)
-    history = RoundHistory()
-    start = 0
-    state_path = _state_path(checkpoint_dir, teacher_steps) if checkpoint_dir else None
-    if state_path is not None and state_path.exists():
-        start, history = load_training_state(state_path, student=student, ema=ema, opt=opt,
-                                             fingerprint=fingerprint)
-        history.resumed_from = start
-    if world_size > 1:  # every rank must resume from the same update (shared checkpoint_dir)
-        from fastdiff.engine.parallel import check_same
+    def draw(gen, n):
+        return draw_batch(examples, labels, steps, n, gen, schedule,
+                          label_dropout=label_dropout, use_labels=use_labels,
+                          extra_cond=extra_cond)
 
-        check_same((teacher_steps, start), "(the round's teacher steps, the update to resume at)")
+    def loss(model, batch):
+        return pd_update(model, teacher, batch, steps, schedule, weighting=weighting,
+                         autocast=contextlib.nullcontext())
 
-    heldout = HeldOut(teacher, dataset, steps, schedule, size=heldout_size, seed=seed,
-                      weighting=weighting, device=device, use_labels=use_labels,
-                      extra_cond=extra_cond)
-    if start == 0:
-        history.initial_mismatch = heldout.mismatch(student)
+    def measure(model) -> float:
+        if not held:  # two teacher forwards on the held-out set, once
+            held.append(HeldOut(teacher, dataset, steps, schedule, size=heldout_size,
+                                seed=seed, weighting=weighting, device=device,
+                                use_labels=use_labels, extra_cond=extra_cond))
+        return held[0].mismatch(model)
 
-    train_model = wrap_replicated(maybe_compile(student, compile), student, wrap_student)
-    amp = autocast_for(device, autocast)
-    world = world_size
-    bar = Progress(updates, f"distill {teacher_steps}->{steps}", progress and rank == 0,
-                   initial=start)
-    t0 = time.perf_counter() - history.wall_time
-    k = start
-    best, since_best = _best_so_far(history, tolerance or 0.0)
-    stopped_by = history.stopped_by or "updates"
-    pending: list = []
-    while k < updates and not history.stopped_by:
-        gen = update_generator(seed, f"pd{teacher_steps}", k)
-        with phase("data"):
-            batch = draw_batch(examples, labels, steps, batch_size, gen, schedule,
-                               label_dropout=label_dropout, use_labels=use_labels, rank=rank,
-                               world=world, device=device, extra_cond=extra_cond)
-        for group in opt.param_groups:
-            group["lr"] = lr * linear_lr(k, updates, warmup)
-        loss = pd_update(train_model, teacher, batch, steps, schedule, weighting=weighting,
-                         autocast=amp)
-        optimizer_update(loss, student, opt, ema, grad_clip)
-        k += 1
-        pending.append(loss.detach())
-        # reading a loss back syncs a GPU: do it every LOG_EVERY updates, not every update
-        if k % LOG_EVERY == 0 or k % eval_every == 0 or k % checkpoint_every == 0 \
-                or k == updates:
-            flush_losses(pending, history.loss, world_size)
-        bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
-        if k % eval_every == 0 or k == updates:
-            with phase("eval"):
-                m = float(_mean_over_ranks(heldout.mismatch(ema.shadow), world_size))
-            history.eval_updates.append(k)
-            history.heldout_mismatch.append(m)
-            if on_eval is not None:
-                on_eval(k, m)
-            if tolerance is not None:
-                if m < best * (1 - tolerance):
-                    best, since_best = m, 0
-                else:
-                    since_best += 1
-                    if since_best >= patience:
-                        stopped_by = "converged"
-                        history.stopped_by = stopped_by
-        if state_path is not None and (k % checkpoint_every == 0 or history.stopped_by) \
-                and k < updates and rank == 0:
-            history.wall_time = time.perf_counter() - t0
-            history.updates_done = k
-            with phase("checkpoint"):
-                save_training_state(state_path, student=student, ema=ema, opt=opt, k=k,
-                                    history=history, fingerprint=fingerprint)
-    flush_losses(pending, history.loss, world_size)
-    bar.close()
-    history.stopped_by = stopped_by
-    history.updates_done = k
-    history.wall_time = time.perf_counter() - t0
-    done = k - history.resumed_from
-    history.samples_per_s = done * batch_size / max(history.wall_time, 1e-9) if done else 0.0
-    out = ema.shadow
-    out.schedule = schedule
-    out.sample_steps = steps
-    return RoundResult(student=out, steps=steps, teacher_steps=teacher_steps, history=history)
-
-
-def _mean_over_ranks(x, world_size: int):
-    """Mean over ranks (identity for one process): metrics, and the ranks' shared decisions."""
-    if world_size == 1:
-        return x
-    from fastdiff.engine.parallel import all_reduce_mean
-
-    return all_reduce_mean(x)
-
-
-def _best_so_far(history: RoundHistory, tolerance: float):
-    """Replay the convergence rule over saved evals (so a resumed round decides the same)."""
-    best, since = math.inf, 0
-    for m in history.heldout_mismatch:
-        if m < best * (1 - tolerance):
-            best, since = m, 0
-        else:
-            since += 1
-    return best, since
+    settings = {"teacher_steps": teacher_steps, "weighting": weighting,
+                "label_dropout": label_dropout, "heldout_size": heldout_size,
+                "schedule": schedule.config, "extra": extra_settings or {},
+                "teacher": fingerprint_tensors(teacher_module) if teacher_module is not None
+                else type(teacher).__name__,
+                "student": start_from,
+                "data": fingerprint_tensors(examples, labels)}
+    method = Method(name=f"pd{teacher_steps}", student=student, draw=draw, loss=loss,
+                    settings=settings, measure=measure)
+    return _Plan(method=method, schedule=schedule, device=device)
 
 
 def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
@@ -450,11 +401,15 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
 
     Each round's student (EMA weights) becomes the next round's teacher. `updates` is one
     number for every round or a list with one entry per round. With `checkpoint_dir`, each
-    finished round's student is saved as `student-<steps>` (fastdiff.save) and an interrupted
-    job resumes: finished rounds are loaded, the current round continues from its last state.
-    `on_round(result)` is called after each round (e.g. to evaluate or report). Other keyword
-    arguments go to `distill_round`.
+    finished round's student is saved as `student-<steps>` (fastdiff.save) with the
+    fingerprint of its settings, and an interrupted job resumes: finished rounds of the same
+    settings are loaded, the current round continues from its last state; a finished round
+    of other settings (another teacher, data, lr, seed, ...) raises CheckpointError naming
+    the differences. `on_round(result)` is called after each round (e.g. to evaluate or
+    report). Other keyword arguments go to `distill_round`.
     """
+    from fastdiff.engine.checkpoint import load, save
+
     if not _is_pow2(start_steps) or start_steps < 2:
         raise ValueError(f"start_steps must be a power of two >= 2, got {start_steps!r}")
     if not _is_pow2(end_steps):
@@ -466,26 +421,27 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     if len(per_round) != n_rounds:
         raise ValueError(f"updates lists {len(per_round)} rounds, but {start_steps} -> "
                          f"{end_steps} takes {n_rounds}")
-    from fastdiff.engine.checkpoint import load, save
-
     results = []
     current = teacher
     steps = start_steps
     for r in range(n_rounds):
+        options = dict(round_options, teacher_steps=steps, updates=per_round[r],
+                       checkpoint_dir=checkpoint_dir)
         done_path = Path(checkpoint_dir) / f"student-{steps // 2:05d}" if checkpoint_dir else None
-        meta = _finished_round(done_path, steps) if done_path is not None else None
+        fingerprint = _round_fingerprint(current, data, options) if done_path else None
+        meta = _finished_round(done_path, steps, fingerprint) if done_path is not None else None
         if meta is not None:  # load() restores the student's schedule from the checkpoint
             student = load(done_path)
             student.sample_steps = steps // 2  # as a freshly distilled round's student has
             result = RoundResult(student=student, steps=steps // 2, teacher_steps=steps,
-                                 history=RoundHistory(**meta.get("history", {})))
+                                 history=RoundHistory.from_dict(meta.get("history", {})))
         else:
-            result = distill_round(current, data, teacher_steps=steps, updates=per_round[r],
-                                   checkpoint_dir=checkpoint_dir, **round_options)
+            result = distill_round(current, data, **options)
             if done_path is not None and round_options.get("rank", 0) == 0:
                 with phase("checkpoint"):
                     save(result.student, done_path,
-                         metadata={"teacher_steps": steps, "history": asdict(result.history)})
+                         metadata={"teacher_steps": steps, "fingerprint": fingerprint,
+                                   "history": json_safe(asdict(result.history))})
                 state = _state_path(checkpoint_dir, steps)
                 if state.exists():
                     os.remove(state)
@@ -497,13 +453,40 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     return results
 
 
-def _finished_round(path: Path, teacher_steps: int) -> dict | None:
-    """The metadata saved with a finished round's student at `path`, or None if there is no
-    readable checkpoint of the round from `teacher_steps` there."""
+def _round_fingerprint(teacher, data, options: dict) -> dict:
+    """What `distill_round(teacher, data, **options)` would record as its settings."""
+    import inspect
+
+    params = inspect.signature(distill_round).parameters
+    opts = {k: v.default for k, v in params.items() if v.default is not inspect.Parameter.empty}
+    opts.update(options)
+    plan = _round_plan(teacher, data, **{k: opts[k] for k in (
+        "teacher_steps", "weighting", "label_dropout", "schedule", "seed", "heldout_size",
+        "device", "student", "extra_cond", "extra_settings")})
+    config = RunConfig(**{k: opts[k] for k in (
+        "updates", "batch_size", "lr", "warmup", "ema_decay", "grad_clip", "seed",
+        "eval_every", "tolerance", "patience")}, world_size=opts.get("world_size", 1))
+    return json_safe({"method": plan.method.name, **config.fingerprint(),
+                      **plan.method.settings})
+
+
+def _finished_round(path: Path, teacher_steps: int, fingerprint: dict | None) -> dict | None:
+    """The metadata of the finished round from `teacher_steps` saved at `path`, or None if
+    there is none; CheckpointError if it was made with other settings."""
     from fastdiff.engine.checkpoint import CheckpointError, load_config
 
     try:
         meta = load_config(path).get("metadata", {})
     except CheckpointError:
         return None
-    return meta if meta.get("teacher_steps") == teacher_steps else None
+    if meta.get("teacher_steps") != teacher_steps:
+        return None
+    saved = meta.get("fingerprint") or {}
+    if fingerprint is not None and saved != fingerprint:
+        keys = sorted(set(saved) | set(fingerprint))
+        diff = {k: (saved.get(k), fingerprint.get(k)) for k in keys
+                if saved.get(k) != fingerprint.get(k)}
+        raise CheckpointError(
+            f"{path} is a finished round of another run (saved vs now: {diff}); rerun with "
+            f"the original settings, or start over (--overwrite, or another checkpoint folder)")
+    return meta

@@ -1,10 +1,9 @@
-"""fastdiff.training: the machinery every method trains with, and teacher training."""
+"""fastdiff.training: the one runner every method uses, its parts, and teacher training."""
 
-from fastdiff.training.loop import (
+from fastdiff.training.parts import (
     EMA,
     LOG_EVERY,
     Progress,
-    TeacherHistory,
     _unwrap,
     autocast_for,
     check_global_batch,
@@ -14,10 +13,20 @@ from fastdiff.training.loop import (
     maybe_compile,
     model_device,
     optimizer_update,
-    teacher_loss,
-    train_teacher,
 )
+from fastdiff.training.runner import (
+    History,
+    Method,
+    NonFiniteError,
+    RunConfig,
+    RunResult,
+    fingerprint_tensors,
+    run,
+    update_generator,
+)
+from fastdiff.training.teacher import train_teacher
 
-__all__ = ["EMA", "LOG_EVERY", "Progress", "TeacherHistory", "_unwrap", "autocast_for",
-           "check_global_batch", "flush_losses", "linear_lr", "make_optimizer", "maybe_compile",
-           "model_device", "optimizer_update", "teacher_loss", "train_teacher"]
+__all__ = ["EMA", "LOG_EVERY", "Progress", "_unwrap", "autocast_for", "check_global_batch",
+           "flush_losses", "linear_lr", "make_optimizer", "maybe_compile", "model_device",
+           "optimizer_update", "History", "Method", "NonFiniteError", "RunConfig", "RunResult",
+           "fingerprint_tensors", "run", "update_generator", "train_teacher"]
