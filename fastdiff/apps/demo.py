@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ class TeacherRecipe:
     label_dropout: float = 0.1
     warmup: int = 200
     seed: int = 0
+    # what train_teacher draws per update: a teacher cached by an older loop is not reused
+    trainer: str = "runner-1"
 
     def key(self) -> str:
         import hashlib
@@ -52,7 +55,8 @@ def digits_teacher(cache: str | Path | None = None, *, recipe: TeacherRecipe = T
     """The class-conditional digits teacher (v-prediction UNet, label dropout for guidance).
 
     Trained once with `recipe` and cached as a fastdiff checkpoint under
-    `cache/digits-teacher-<key>`; later calls load it (a few ms).
+    `cache/digits-teacher-<key>`; later calls load it (a few ms). An interrupted training
+    resumes from `cache/digits-teacher-<key>.state/`.
     """
     folder = Path(cache) if cache is not None else cache_dir()
     path = folder / f"digits-teacher-{recipe.key()}"
@@ -70,13 +74,15 @@ def digits_teacher(cache: str | Path | None = None, *, recipe: TeacherRecipe = T
     teacher = train_teacher(model, data, updates=recipe.updates, batch_size=recipe.batch_size,
                             lr=recipe.lr, ema_decay=recipe.ema_decay,
                             label_dropout=recipe.label_dropout, warmup=recipe.warmup,
-                            seed=recipe.seed, progress=progress)
+                            seed=recipe.seed, progress=progress,
+                            checkpoint_dir=folder / f"digits-teacher-{recipe.key()}.state")
     seconds = time.perf_counter() - t0
     n_params = sum(p.numel() for p in teacher.parameters())
     save(teacher, path, metadata={"recipe": asdict(recipe), "train_seconds": seconds,
                                   "parameters": n_params})
     log(f"fastdiff: trained the digits teacher in {seconds:.0f} s ({n_params:,} parameters), "
         f"cached at {path}")
+    shutil.rmtree(folder / f"digits-teacher-{recipe.key()}.state", ignore_errors=True)
     return load(path)
 
 
