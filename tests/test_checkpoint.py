@@ -77,12 +77,50 @@ def test_save_over_existing_leaves_no_temp_dirs(unet, mlp, tmp_path):
     save(mlp, tmp_path / "ckpt")
     assert isinstance(load(tmp_path / "ckpt"), MLP)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
-    # something that is not a checkpoint is never replaced
-    (tmp_path / "precious").mkdir()
-    (tmp_path / "precious" / "data.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="precious"):
-        save(mlp, tmp_path / "precious")
-    assert (tmp_path / "precious" / "data.txt").read_text() == "keep me"
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"model.safetensors",
+                                                               "config.json"}
+    # save replaces only its own two files: everything else in the folder stays
+    (tmp_path / "ckpt" / "student").mkdir()
+    (tmp_path / "ckpt" / "student" / "config.json").write_text("keep me")
+    (tmp_path / "ckpt" / "notes.txt").write_text("keep me too")
+    save(unet, tmp_path / "ckpt")
+    assert isinstance(load(tmp_path / "ckpt"), UNet)
+    assert (tmp_path / "ckpt" / "student" / "config.json").read_text() == "keep me"
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "keep me too"
+    # a config.json or weights that are not a fastdiff checkpoint's are never replaced
+    for name, text in (("config.json", '{"_class_name": "UNet2DModel"}'),
+                       ("model.safetensors", "not ours")):
+        folder = tmp_path / f"precious-{name}"
+        folder.mkdir()
+        (folder / name).write_text(text)
+        with pytest.raises(CheckpointError, match=f"precious-{name}"):
+            save(mlp, folder)
+        assert (folder / name).read_text() == text
+        assert [p.name for p in folder.iterdir()] == [name]
+    with pytest.raises(CheckpointError, match="is a file"):
+        save(mlp, tmp_path / "ckpt" / "notes.txt")
+
+
+def test_weights_and_config_of_two_saves_are_not_mixed(unet, mlp, tmp_path):
+    # what a reader sees between save's two renames (or after a save killed there): the new
+    # weights with the old config.json; load refuses the pair instead of mixing them
+    folder = save(mlp, tmp_path / "c")
+    old_config = (folder / "config.json").read_text()
+    save(_randomise(MLP(hidden=32, depth=2), seed=1), folder)
+    (folder / "config.json").write_text(old_config)
+    with pytest.raises(CheckpointError, match="two different saves") as info:
+        load(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_non_finite_weights_are_never_saved(mlp, tmp_path):
+    save(mlp, tmp_path / "c")
+    before = (tmp_path / "c" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(mlp.parameters())[0] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        save(mlp, tmp_path / "c")
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
 
 
 def test_missing_folder_and_missing_files(mlp, tmp_path):

@@ -9,7 +9,9 @@ Model checkpoints (`save` / `load`, DESIGN.md §4b) are a directory::
                            "scalar_conds", "dtype", "metadata": {...user...}}
 
 `load` needs nothing else: it rebuilds the model with `build_model`, loads the weights
-strictly and sets `model.schedule`.
+strictly and sets `model.schedule`. `save` replaces only those two files, each atomically
+(anything else in the folder is kept), and stamps both with one `save_id`, so a reader
+never mistakes the weights of one save for those of another.
 
 Training-state files (`save_state` / `load_state`, for resuming long jobs) are ONE
 safetensors file whose header metadata holds the JSON-encoded `meta`. `flatten_state_dict`
@@ -19,22 +21,32 @@ capture every global random generator as tensors.
 
 Every failure to read (missing folder or file, truncated/corrupt safetensors, foreign or
 wrong-version JSON, weights that do not fit the config) raises `CheckpointError` (a
-ValueError) naming the path and what is wrong.
+ValueError) naming the path and what is wrong; a failed write raises an OSError naming the
+file, or CheckpointError for a safetensors failure.
+
+Folders written by one job at a time: `lock_folder` takes an exclusive, non-blocking lock
+(`fcntl.flock` on `<folder>/.lock`; a second writer gets `FolderLockedError`), and
+`remove_stale_temps` deletes the temporary siblings (`.NAME.tmp-PID-XXXXXXXX`,
+`.NAME.old-PID-XXXXXXXX`) that a killed atomic write leaves behind.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
+import re
 import shutil
+import time
 import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastdiff.engine.models import build_model
@@ -42,10 +54,16 @@ from fastdiff.engine.schedules import CosineSchedule, schedule_from_config
 
 __all__ = [
     "CheckpointError",
+    "FolderLockedError",
+    "atomic_write",
     "flatten_state_dict",
+    "is_checkpoint",
+    "is_state_file",
     "load",
     "load_config",
     "load_state",
+    "lock_folder",
+    "remove_stale_temps",
     "rng_state",
     "save",
     "save_state",
@@ -62,6 +80,10 @@ CONFIG = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint or state file that cannot be read or written; the message names it."""
+
+
+class FolderLockedError(CheckpointError):
+    """Another process holds the folder's lock (`lock_folder`)."""
 
 
 # --- small filesystem helpers ---------------------------------------------------------------
@@ -93,25 +115,142 @@ def _fsync_tree(root: Path) -> None:
             pass
 
 
+TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-\d+-[0-9a-f]{8}$")  # what _temp_sibling makes
+LOCK = ".lock"
+
+
 def _temp_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _named(e: OSError, path: Path) -> OSError:
+    """`e`, or the same error naming `path` where it names no file (a failed write(2))."""
+    if e.filename is not None:
+        return e
+    named = OSError(e.errno, e.strerror or str(e), str(path))
+    named.__cause__ = e
+    return named
+
+
+def _replace_files(folder: Path, writers: dict) -> None:
+    """Replace the files `folder/name` atomically, one by one: each `writers[name](tmp)`
+    fills a temporary sibling; all of them are fsynced before the first rename, and the
+    folder after the last. A failure removes the temporaries and leaves the old files."""
+    temps = {}
+    try:
+        for name, write in writers.items():
+            temps[name] = tmp = _temp_sibling(folder / name, "tmp")
+            try:
+                write(tmp)
+            except SafetensorError as e:  # a failed write inside safetensors (disk full, ...)
+                raise CheckpointError(f"cannot write {folder / name}: {e}") from e
+            except OSError as e:
+                raise _named(e, folder / name) from e
+        for tmp in temps.values():
+            _fsync_file(tmp)
+        for name, tmp in temps.items():
+            try:
+                os.replace(tmp, folder / name)
+            except OSError as e:
+                raise _named(e, folder / name) from e
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
 def atomic_write(path, write) -> Path:
     """Write one file atomically: `write(tmp)` fills a temporary sibling, which is fsynced
-    and os.replace'd over `path`; a crash leaves the old file or the new one, never half."""
+    and os.replace'd over `path`; a crash leaves the old file or the new one, never half
+    (and perhaps the temporary, see `remove_stale_temps`). A failure raises an OSError that
+    names the file (CheckpointError for a safetensors failure)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, "tmp")
     try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _named(e, path.parent) from e
+    _replace_files(path.parent, {path.name: write})
     return path
+
+
+def remove_stale_temps(root, *, depth: int = 3) -> list[Path]:
+    """Delete the temporaries of killed atomic writes (`.NAME.tmp-PID-X`, `.NAME.old-PID-X`)
+    in `root` and its subfolders down to `depth` levels; returns what was removed.
+
+    Only safe while no other process writes there: call it holding `lock_folder(root)`.
+    A subfolder with its own lock file belongs to another job and is skipped, and symbolic
+    links are never followed.
+    """
+    root = Path(root)
+    removed = []
+
+    def walk(folder: Path, level: int) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if TEMP_NAME.match(entry.name):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+            elif (level < depth and entry.is_dir(follow_symlinks=False)
+                  and not (path / LOCK).exists()):
+                walk(path, level + 1)
+
+    walk(root, 1)
+    return removed
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held until `release()` (or the `with` block ends, or
+    the process exits: the kernel drops a dead process's flock)."""
+
+    def __init__(self, folder: Path, fd: int):
+        self.folder, self._fd = folder, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_folder(folder) -> FolderLock:
+    """Lock `folder` (created if missing) for this process alone: `fcntl.flock` on
+    `folder/.lock`, non-blocking. Raises FolderLockedError naming the holder's pid when
+    another process holds it, an OSError naming the path when the folder is not writable.
+    The lock file stays (removing it could let two processes lock two different files)."""
+    folder = Path(folder)
+    path = folder / LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _named(e, path) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise FolderLockedError(
+                f"{folder} is in use: another process{who} is writing there (it holds "
+                f"{path}); wait for it to finish or write somewhere else") from None
+        raise _named(e, path) from e
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return FolderLock(folder, fd)
 
 
 def atomic_dir(target, fill) -> Path:
@@ -166,15 +305,18 @@ def _checkpoint_dir(path) -> Path:
 
 
 def save(model: torch.nn.Module, path, *, metadata: dict | None = None) -> Path:
-    """Save `model` to the directory `path` atomically; returns the directory.
+    """Save `model` to the directory `path`; returns the directory.
 
-    Writes model.safetensors + config.json into a temporary sibling directory, fsyncs them,
-    then renames it over `path` (an existing checkpoint there is renamed aside first and
-    removed after). The schedule recorded is `model.schedule` if the model has one, else the
-    default cosine schedule. `metadata` is any JSON-able dict, stored under "metadata".
-    A `path` ending in model.safetensors means its folder. Refuses to replace anything at
-    `path` that is not a fastdiff checkpoint (or an empty folder). A torch.compile'd or
-    DDP-wrapped model is saved as the module inside.
+    Writes model.safetensors and config.json as temporary siblings, fsyncs both, then
+    renames each over its old file: only those two files are replaced, anything else in the
+    folder (a distillation's checkpoints/, student/, ...) is kept. Both files carry the same
+    fresh `save_id`; `load` refuses a pair from two different saves (a reader between the
+    two renames, or a save killed between them) instead of mixing them. The schedule
+    recorded is `model.schedule` if the model has one, else the default cosine schedule.
+    `metadata` is any JSON-able dict, stored under "metadata". A `path` ending in
+    model.safetensors means its folder. Refuses a model with non-finite weights, and a
+    folder whose config.json or model.safetensors is not a fastdiff checkpoint's. A
+    torch.compile'd or DDP-wrapped model is saved as the module inside.
     """
     target = _checkpoint_dir(path)
     model = _unwrap(model)
@@ -186,6 +328,7 @@ def save(model: torch.nn.Module, path, *, metadata: dict | None = None) -> Path:
         )
     schedule = getattr(model, "schedule", None) or CosineSchedule()
     params = [p for p in model.state_dict().values() if p.is_floating_point()]
+    save_id = uuid.uuid4().hex
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -195,23 +338,35 @@ def save(model: torch.nn.Module, path, *, metadata: dict | None = None) -> Path:
         "num_classes": int(getattr(model, "num_classes", 0)),
         "scalar_conds": list(getattr(model, "scalar_conds", ())),
         "dtype": str(params[0].dtype).removeprefix("torch.") if params else "float32",
+        "save_id": save_id,
         "metadata": dict(metadata or {}),
     }
     try:
         text = json.dumps(doc, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot save to {target}: config/metadata not JSON-able: {e}") from e
-    if target.exists() and not _replaceable(target):
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
         raise CheckpointError(
-            f"refusing to overwrite {target}: it exists and is not a fastdiff checkpoint"
-        )
-
-    def fill(tmp: Path) -> None:
-        weights = _contiguous_cpu(model.state_dict())
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / CONFIG).write_text(text)
-
-    return atomic_dir(target, fill)
+            f"cannot save to {target}: the model has non-finite weights ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); training diverged")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"cannot save to {target}: it is a file, not a folder")
+    foreign = _foreign_files(target)
+    if foreign:
+        raise CheckpointError(
+            f"refusing to overwrite {foreign}: it exists and is not a fastdiff checkpoint's")
+    weights = _contiguous_cpu(model.state_dict())
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _named(e, target) from e
+    _replace_files(target, {
+        WEIGHTS: lambda tmp: save_file(weights, str(tmp),
+                                       metadata={"format": FORMAT, "save_id": save_id}),
+        CONFIG: lambda tmp: tmp.write_text(text),
+    })
+    return target
 
 
 def _unwrap(model):
@@ -226,16 +381,30 @@ def _unwrap(model):
             return model
 
 
-def _replaceable(target: Path) -> bool:
-    if not target.is_dir():
-        return False
-    entries = {p.name for p in target.iterdir()}
-    if not entries:
-        return True
+def is_checkpoint(folder) -> bool:
+    """Whether `folder` holds a fastdiff checkpoint's config.json (weights not checked)."""
     try:
-        return json.loads((target / CONFIG).read_text()).get("format") == FORMAT
+        return json.loads((Path(folder) / CONFIG).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def is_state_file(path) -> bool:
+    """Whether `path` is a fastdiff training-state file (its header, not its tensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == STATE_FORMAT
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def _foreign_files(target: Path) -> Path | None:
+    """The file of `target` that `save` would replace but did not write, if any: a
+    config.json that is not a fastdiff checkpoint config, or weights without one."""
+    config, weights = target / CONFIG, target / WEIGHTS
+    if config.exists() or config.is_symlink():
+        return None if is_checkpoint(target) else config
+    return weights if (weights.exists() or weights.is_symlink()) else None
 
 
 def load_config(path) -> dict:
@@ -274,10 +443,7 @@ def load(path, *, map_location="cpu") -> torch.nn.Module:
     metadata. Raises CheckpointError for anything unreadable or inconsistent.
     """
     folder = _checkpoint_dir(path)
-    doc = load_config(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"checkpoint {folder} is incomplete: {weights} is missing")
+    doc, state = _read_pair(folder)
     try:
         model = build_model(doc["model"])
     except (TypeError, ValueError) as e:
@@ -286,12 +452,11 @@ def load(path, *, map_location="cpu") -> torch.nn.Module:
         schedule = schedule_from_config(doc.get("schedule"))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG}: bad schedule config: {e}") from e
-    state = _read_safetensors(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(
-            f"weights in {weights} do not match the model config in {folder / CONFIG}: "
+            f"weights in {folder / WEIGHTS} do not match the model config in {folder / CONFIG}: "
             f"{str(e).strip()}"
         ) from e
     dtype = getattr(torch, str(doc.get("dtype", "float32")), None)
@@ -303,9 +468,31 @@ def load(path, *, map_location="cpu") -> torch.nn.Module:
     return model.eval()
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_pair(folder: Path, tries: int = 3) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and the weights of ONE save: a pair whose save_ids differ is being
+    written right now (read again, a moment later) or was left so by a killed save."""
+    weights = folder / WEIGHTS
+    for attempt in range(tries):
+        doc = load_config(folder)
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {weights} is missing")
+        state, header = _read_safetensors(weights, with_header=True)
+        wanted, found = doc.get("save_id"), header.get("save_id")
+        if wanted is None or found == wanted:  # checkpoints from before save_id: no check
+            return doc, state
+        time.sleep(0.05 * (attempt + 1))
+    raise CheckpointError(
+        f"checkpoint {folder} is inconsistent: {weights} and {folder / CONFIG} come from two "
+        f"different saves (save_id {found!r} vs {wanted!r}); a save was interrupted between "
+        "them or is still running: save again, or wait for it")
+
+
+def _read_safetensors(path: Path, with_header: bool = False):
     try:
-        return load_file(str(path))
+        if not with_header:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # SafetensorError, OSError, ...: one clear message instead
         raise CheckpointError(
             f"cannot read {path}: truncated or corrupt safetensors file ({e})"
