@@ -175,12 +175,14 @@ def worker_round(out: str) -> None:
     r = _run_round(info.rank, info.world_size, ddp_wrapper(info.device), out / "ckpt")
     _fsdp_checks(info, r.student)
     # guided distillation: stage 1 from the library, then the CLI's two stages
-    from fastdiff.apps.distributed import _cmd_distill
+    from fastdiff.apps.cli import cmd_distill
+    from fastdiff.apps.torchrun import Ranks
 
     # (checkpointing at update 3, between two loss read-backs, must not desynchronise ranks)
     g = _run_guided(out / "blobs.npz", info.rank, info.world_size, ddp_wrapper(info.device),
                     checkpoint_dir=out / "guided-state", checkpoint_every=3)
-    _cmd_distill(_guided_cli_args(out, "guided-run"), info)
+    cmd_distill(_guided_cli_args(out, "guided-run"),
+                Ranks(info.rank, info.world_size, info.device, ddp_wrapper(info.device)))
     if info.is_main:
         save_file({k: v.contiguous() for k, v in g.student.state_dict().items()},
                   str(out / "guided.safetensors"))
@@ -253,9 +255,9 @@ def _assert_same_weights(got: dict, ref):
 def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
     from safetensors.torch import load_file
 
+    from fastdiff.apps.distill import distill_guided_cli
     from fastdiff.engine.checkpoint import load, save
     from fastdiff.engine.data import load_dataset
-    from fastdiff.methods.guided import distill_guided_cli
 
     save(_guided_teacher(), tmp_path / "guided-teacher")
     _blobs_file(tmp_path / "blobs.npz")

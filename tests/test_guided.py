@@ -14,6 +14,7 @@ import pytest
 import torch
 from fastdiff.kernels.ddim_step import ddim_step_reference
 
+from fastdiff.apps.distill import distill_guided_cli
 from fastdiff.engine.checkpoint import load, load_config
 from fastdiff.engine.data import as_dataset
 from fastdiff.engine.models import MLP, add_scalar_condition
@@ -22,7 +23,6 @@ from fastdiff.engine.schedules import CosineSchedule
 from fastdiff.engine.steppers import stochastic_sample
 from fastdiff.methods.guided import (
     distill_guidance,
-    distill_guided_cli,
     distill_guided_steps,
     distill_stochastic,
     guidance_error,

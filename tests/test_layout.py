@@ -57,6 +57,8 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
 
 def _layer(name: str) -> int | None:
     parts = name.split(".")
+    if name == "fastdiff.__main__":  # `python -m fastdiff`: the CLI, so an app
+        return LAYERS["apps"]
     return LAYERS.get(parts[1]) if len(parts) > 1 else None
 
 

@@ -1,16 +1,71 @@
-"""The `fastdiff` command line: train-teacher, distill, sample, eval, demo, profile, compare.
+"""The `fastdiff` command line: train-teacher, distill (pd, guided, sfd), sample, eval, demo,
+profile, compare.
 
-Errors in what the user asked for are printed as one line (`fastdiff: error: …`, exit 2),
-not as a traceback; `--debug` shows the traceback.
+Errors in what the user asked for (bad flags, a missing or corrupt checkpoint, any OSError,
+an `--out` that cannot be written, a run that diverged) are printed as one line,
+`fastdiff: error: …` naming the path where there is one, exit 2, not as a traceback;
+`--debug` shows the traceback.
+
+The same command runs as every rank of a torchrun job (`torchrun --nproc-per-node=K -m
+fastdiff distill ...`): `main` sees torchrun's environment and runs train-teacher / distill
+data-parallel (`fastdiff.apps.torchrun`); rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, KeyError)
+from fastdiff.apps.torchrun import ONE_PROCESS, Ranks, run_rank, under_torchrun
+
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+TORCHRUN_COMMANDS = ("distill", "train-teacher")
+MAX_STEPS = 100_000  # sampling steps: more is a typo, and would allocate a grid that long
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (and where to read more)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str, *, most: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1 or (most is not None and value > most):
+        bound = f" at most {most}" if most is not None else ""
+        raise argparse.ArgumentTypeError(f"expected a positive integer{bound}, got {text!r}")
+    return value
+
+
+def _steps(text: str) -> int:
+    return _positive_int(text, most=MAX_STEPS)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
 
 
 def _steps_list(text: str) -> list[int]:
@@ -19,8 +74,9 @@ def _steps_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > MAX_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"step counts must be integers from 1 to {MAX_STEPS}, got {text!r}")
     return values
 
 
@@ -37,74 +93,87 @@ def _is_digits(dataset) -> bool:
 # --- train-teacher ----------------------------------------------------------------------------
 
 
-def cmd_train_teacher(args) -> None:
+@contextmanager
+def _claimed(args, ranks: Ranks, owned):
+    """Hold `--out` for this command (`fastdiff.apps.outdir.claim_out`, on rank 0); every
+    rank stops with one line when rank 0 cannot claim it."""
+    from fastdiff.apps.outdir import claim_out
+
+    with ExitStack() as stack:
+        failed = None
+        try:
+            stack.enter_context(claim_out(args.out, owned=owned,
+                                          overwrite=getattr(args, "overwrite", False),
+                                          writer=ranks.is_main, say=ranks.say))
+        except Exception as e:  # every rank must hear of it before anyone trains
+            failed = e
+        if not ranks.agree(failed is None):
+            raise failed or ValueError(f"rank 0 cannot write to --out {args.out} (see its "
+                                       "error)")
+        yield Path(args.out)
+
+
+def cmd_train_teacher(args, ranks: Ranks = ONE_PROCESS) -> None:
     import torch
 
+    from fastdiff.apps.outdir import TEACHER_FILES
     from fastdiff.engine.checkpoint import save
     from fastdiff.engine.data import load_dataset
     from fastdiff.engine.models import UNet, default_model_for
     from fastdiff.training import train_teacher
 
-    data = load_dataset(args.data, seed=args.seed)
-    torch.manual_seed(args.seed)
-    if data.is_image and args.channels:
-        c, h, _ = data.shape
-        model = UNet(in_channels=c, image_size=h, channels=args.channels,
-                     num_classes=data.num_classes)
-    else:
-        model = default_model_for(data.shape, num_classes=data.num_classes)
-    teacher = train_teacher(model, data, updates=args.updates, batch_size=args.batch_size,
-                            lr=args.lr, label_dropout=args.label_dropout, seed=args.seed,
-                            compile=args.compile, progress=not args.quiet)
-    h = teacher.train_history
-    save(teacher, args.out, metadata={"data": args.data, "updates": args.updates,
-                                      "train_seconds": h.wall_time})
-    print(f"teacher saved to {args.out} ({h.wall_time:.0f} s, {h.samples_per_s:.0f} samples/s, "
-          f"final loss {h.loss[-1]:.4f})")
+    with _claimed(args, ranks, TEACHER_FILES) as out:
+        data = load_dataset(args.data, seed=args.seed)
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        if data.is_image and args.channels:
+            c, h, _ = data.shape
+            model = UNet(in_channels=c, image_size=h, channels=args.channels,
+                         num_classes=data.num_classes)
+        else:
+            model = default_model_for(data.shape, num_classes=data.num_classes)
+        teacher = train_teacher(
+            model, data, updates=args.updates, batch_size=args.batch_size, lr=args.lr,
+            label_dropout=args.label_dropout, seed=args.seed, compile=args.compile,
+            progress=not args.quiet and ranks.is_main, device=ranks.device, rank=ranks.rank,
+            world_size=ranks.world_size, wrap_model=ranks.wrap,
+            checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every)
+        h = teacher.train_history
+        if ranks.is_main:
+            save(teacher, out, metadata={"data": args.data, "updates": args.updates,
+                                         "train_seconds": h.wall_time,
+                                         "world_size": ranks.world_size})
+        on = f" on {ranks.world_size} ranks" if ranks.world_size > 1 else ""
+        ranks.say(f"teacher saved to {out} ({h.wall_time:.0f} s, {h.samples_per_s:.0f} "
+                  f"samples/s{on}, final loss {h.loss[-1]:.4f})")
 
 
 # --- distill ------------------------------------------------------------------------------------
 
 
-def cmd_distill(args) -> None:
+def cmd_distill(args, ranks: Ranks = ONE_PROCESS) -> None:
+    from fastdiff.apps.distill import distill_method, run_distill
+    from fastdiff.apps.outdir import DISTILL_FILES
     from fastdiff.engine.data import load_dataset
 
-    run_distill(_load_model(args.teacher), load_dataset(args.data, seed=args.seed), args)
+    method = distill_method(args)
+    with _claimed(args, ranks, DISTILL_FILES):
+        teacher = _load_model(args.teacher)
+        if ranks.device is not None:
+            teacher = teacher.to(ranks.device)
+        data = None if method == "sfd" else load_dataset(args.data, seed=args.seed)
+        run_distill(teacher, data, args, rank=ranks.rank, world_size=ranks.world_size,
+                    wrap_student=ranks.wrap, device=ranks.device)
 
 
 def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap_student=None,
                 device=None) -> None:
-    """`distill`'s work, in one process or as one rank under torchrun (`fastdiff.engine.parallel`:
-    rank, world_size, wrap_student, device); only rank 0 prints and writes."""
-    from fastdiff.engine.checkpoint import save
-    from fastdiff.methods.pd import progressive_distill, round_summary
+    """`distill`'s work, in one process or as one rank under torchrun; only rank 0 prints and
+    writes (`fastdiff.apps.distill.run_distill`, imported on use: `fastdiff --help` stays
+    quick)."""
+    from fastdiff.apps.distill import run_distill as run
 
-    parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
-                "device": device}
-    if args.guided:
-        from fastdiff.methods.guided import distill_guided_cli
-
-        distill_guided_cli(teacher, data, args, **parallel)
-        return
-
-    def say(msg):
-        if rank == 0:
-            print(msg, flush=True)
-
-    out = Path(args.out)
-    results = progressive_distill(
-        teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
-        updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
-        tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
-        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
-        seed=args.seed, compile=args.compile, progress=not args.quiet and rank == 0,
-        on_round=lambda result: say(round_summary(result)), **parallel)
-    final = results[-1]
-    if rank == 0:
-        save(final.student, out / "student",
-             metadata={"steps": final.steps, "world_size": world_size})
-    ranks = f" ({world_size} ranks, global batch {args.batch_size})" if world_size > 1 else ""
-    say(f"student for {final.steps} step(s) saved to {out / 'student'}{ranks}")
+    run(teacher, data, args, rank=rank, world_size=world_size, wrap_student=wrap_student,
+        device=device)
 
 
 # --- sample ------------------------------------------------------------------------------------
@@ -204,73 +273,117 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastdiff",
         description="Distil slow diffusion models into few-step samplers "
-                    "(progressive distillation, guided distillation, SFD).")
+                    "(progressive distillation, guided distillation, SFD). Under torchrun "
+                    "(torchrun --nproc-per-node=K -m fastdiff COMMAND ...), train-teacher and "
+                    "distill run data-parallel.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    timeout = {"type": _positive_float, "metavar": "S",
+               "help": "under torchrun: seconds a collective waits for the other ranks before "
+                       "the job stops (default: fastdiff.engine.parallel.DEFAULT_TIMEOUT_S)"}
+    p.add_argument("--timeout-s", default=None, **timeout)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp):
         sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def writes(sp, what):
+        sp.add_argument("--overwrite", action="store_true",
+                        help=f"start over: remove the {what} of an earlier run in --out "
+                             "(fastdiff's own files only) instead of resuming or reusing it")
+        # also after the command (as `-m fastdiff.apps.distributed` always took it)
+        sp.add_argument("--timeout-s", default=argparse.SUPPRESS, **timeout)
+
     t = sub.add_parser("train-teacher", help="train a v-prediction teacher on a data set",
                        description="Train a diffusion teacher (v-prediction, cosine schedule, "
-                                   "EMA, label dropout for guidance) and save it.")
+                                   "EMA, label dropout for guidance) and save it into --out "
+                                   "(model.safetensors, config.json; other files there are "
+                                   "kept); resumable: rerun the same command after a crash.")
     t.add_argument("--data", default="digits",
                    help="built-in name (digits, photo-patches, eight_gaussians, two_moons, "
                         "checkerboard) or a path to an image folder / .npy / .npz")
     t.add_argument("--out", required=True, help="checkpoint folder to write")
-    t.add_argument("--updates", type=int, default=6000, help="optimizer updates")
-    t.add_argument("--batch-size", type=int, default=128, help="examples per update")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    t.add_argument("--label-dropout", type=float, default=0.1,
+    t.add_argument("--updates", type=_positive_int, default=6000, help="optimizer updates")
+    t.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="examples per update (all ranks together)")
+    t.add_argument("--lr", type=_positive_float, default=2e-3, help="peak AdamW learning rate")
+    t.add_argument("--label-dropout", type=_probability, default=0.1,
                    help="probability of the null label, for classifier-free guidance")
     t.add_argument("--channels", type=int, default=0,
                    help="UNet base width (0: the default model for the data)")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=500,
+                   help="updates between crash-safe checkpoints (in --out/checkpoints)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    writes(t, "teacher and its training state")
     common(t)
     t.set_defaults(func=cmd_train_teacher)
 
-    d = sub.add_parser("distill", help="progressive distillation of a teacher",
-                       description="Halve the teacher's DDIM step count round by round "
-                                   "(Salimans & Ho 2022); resumable: rerun the same command "
-                                   "after a crash.")
+    d = sub.add_parser("distill", help="distil a teacher: pd, guided or sfd",
+                       description="Distil a teacher into a few-step student. pd (default): "
+                                   "halve the teacher's DDIM step count round by round "
+                                   "(Salimans & Ho 2022); guided: a w-conditioned one-pass "
+                                   "model, then halving (Meng et al. 2023); sfd: train the "
+                                   "--student-steps student along the teacher's trajectories, "
+                                   "data-free (Zhou et al. 2024). Resumable: rerun the same "
+                                   "command after a crash.")
     d.add_argument("--teacher", required=True, help="teacher checkpoint folder (fastdiff.save)")
-    d.add_argument("--data", default="digits", help="the data the teacher was trained on")
+    d.add_argument("--method", choices=["pd", "guided", "sfd"], default=None,
+                   help="distillation method (default pd)")
+    d.add_argument("--data", default="digits",
+                   help="the data the teacher was trained on (pd, guided; sfd needs none)")
     d.add_argument("--out", required=True, help="run folder (checkpoints and the student)")
-    d.add_argument("--start-steps", type=int, default=64, help="teacher steps (power of two)")
-    d.add_argument("--end-steps", type=int, default=1, help="final student steps (power of two)")
-    d.add_argument("--updates", type=int, default=800, help="most updates per round")
-    d.add_argument("--batch-size", type=int, default=128, help="examples per update")
-    d.add_argument("--lr", type=float, default=5e-4,
-                   help="AdamW learning rate, annealed linearly to 0 in each round")
+    d.add_argument("--start-steps", type=_steps, default=64,
+                   help="teacher steps (power of two; pd, guided)")
+    d.add_argument("--end-steps", type=_steps, default=1,
+                   help="final student steps (power of two; pd, guided)")
+    d.add_argument("--updates", type=_positive_int, default=800,
+                   help="most updates per round (pd, guided); updates in all (sfd)")
+    d.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="examples per update (all ranks together)")
+    d.add_argument("--lr", type=_positive_float, default=None,
+                   help="AdamW learning rate (pd, guided: annealed linearly to 0 in each round, "
+                        "default 5e-4; sfd: constant, default fastdiff.distill_sfd's)")
     d.add_argument("--weighting", default="snr_trunc", choices=["snr_trunc", "snr+1", "const"],
-                   help="loss weighting (DESIGN.md §2)")
+                   help="loss weighting (DESIGN.md §2; pd, guided)")
     d.add_argument("--tolerance", type=float, default=None,
                    help="end a round early when the held-out mismatch improves by less than "
                         "this relative amount for --patience evaluations")
-    d.add_argument("--patience", type=int, default=3, help="evaluations without improvement")
-    d.add_argument("--eval-every", type=int, default=100, help="updates between evaluations")
-    d.add_argument("--checkpoint-every", type=int, default=200,
+    d.add_argument("--patience", type=_positive_int, default=3,
+                   help="evaluations without improvement")
+    d.add_argument("--eval-every", type=_positive_int, default=100,
+                   help="updates between evaluations")
+    d.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="updates between crash-safe checkpoints")
     d.add_argument("--compile", action="store_true", help="torch.compile the student")
     d.add_argument("--guided", action="store_true",
-                   help="guided distillation (Meng et al.): w-conditioned student, then halving")
+                   help="the same as --method guided (Meng et al.): w-conditioned student, "
+                        "then halving")
     d.add_argument("--w-min", type=float, default=0.0, help="smallest guidance weight (guided)")
     d.add_argument("--w-max", type=float, default=4.0, help="largest guidance weight (guided)")
-    d.add_argument("--stage1-updates", type=int, default=4000,
+    d.add_argument("--stage1-updates", type=_positive_int, default=4000,
                    help="updates of guided stage 1 (the one-pass w-conditioned model)")
-    d.add_argument("--stage1-lr", type=float, default=1e-3,
+    d.add_argument("--stage1-lr", type=_positive_float, default=1e-3,
                    help="peak AdamW learning rate of guided stage 1")
+    d.add_argument("--student-steps", type=_steps, default=4,
+                   help="network calls per sample of the SFD student (sfd)")
+    d.add_argument("--teacher-substeps", type=_positive_int, default=4,
+                   help="teacher solver steps per student interval (sfd)")
+    d.add_argument("--solver", default="dpmpp_3m",
+                   help="the teacher's ODE solver (sfd; fastdiff.engine.solvers.METHODS)")
+    d.add_argument("--afs", action="store_true",
+                   help="analytical first step: the student's first step costs no network "
+                        "call (sfd)")
+    writes(d, "students and checkpoints")
     common(d)
     d.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("sample", help="write a PNG grid (images) or scatter plot (2-D)")
     s.add_argument("--model", required=True, help="checkpoint folder")
-    s.add_argument("--steps", type=int, default=8, help="sampling steps")
-    s.add_argument("--n", type=int, default=100, help="number of samples")
+    s.add_argument("--steps", type=_steps, default=8, help="sampling steps")
+    s.add_argument("--n", type=_positive_int, default=100, help="number of samples")
     s.add_argument("--sampler", default="ddim",
                    choices=["ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m",
                             "stochastic"], help="sampler")
@@ -290,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None,
                    help="guidance weight w (digits): classifier-free guidance for a teacher, "
                         "the w input of a guidance-distilled student")
-    e.add_argument("--n", type=int, default=2000, help="samples (2-D data)")
+    e.add_argument("--n", type=_positive_int, default=2000, help="samples (2-D data)")
     common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -298,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (or reuse) the digits teacher, distil 64 -> 1 steps, "
                                    "write runs/demo/report.md.")
     m.add_argument("--out", default="runs/demo", help="run folder")
-    m.add_argument("--start-steps", type=int, default=64, help="teacher steps to start from")
-    m.add_argument("--updates", type=int, default=None,
+    m.add_argument("--start-steps", type=_steps, default=64,
+                   help="teacher steps to start from")
+    m.add_argument("--updates", type=_positive_int, default=None,
                    help="updates per halving (default: 300, 300, 400, 600, 800, 1000 for "
                         "64->32 ... 2->1; later rounds get more)")
     m.add_argument("--guided", action="store_true", help="the guided-distillation demo")
@@ -315,18 +429,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def user_error(e: BaseException) -> str | None:
+    """The one line `main` prints for `e` when it is the user's error (what they asked for
+    cannot be done: bad input, a file that is missing, unreadable or unwritable, a run that
+    diverged), with the path where there is one; None for anything else (a bug: traceback).
+    """
+    from safetensors import SafetensorError
+
+    kinds = [*USER_ERRORS, SafetensorError]
+    try:  # the runner's non-finite guard (fastdiff.training.runner), where it exists
+        from fastdiff.training.runner import NonFiniteError
+
+        kinds.append(NonFiniteError)
+    except ImportError:
+        pass
+    if "torch.distributed" in sys.modules:
+        from fastdiff.engine.parallel import RankMismatchError
+
+        kinds.append(RankMismatchError)
+    if not isinstance(e, tuple(kinds)):
+        return None
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror  # "[Errno 13]" says nothing more; the paths go after the reason
+        paths = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        if paths and paths[0] not in text:
+            text += ": " + " -> ".join(paths)
+    else:
+        text = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
+    return " ".join(text.split()) or type(e).__name__
+
+
+def main(argv=None, *, distributed: bool | None = None) -> int:
+    """`fastdiff COMMAND ...`; returns the exit code (0 done, 2 an error, 130 interrupted).
+
+    distributed: run as one rank of a torchrun job (None: when torchrun's environment says
+    so, `fastdiff.apps.torchrun.under_torchrun`); train-teacher and distill only.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if distributed is None:
+        distributed = under_torchrun()
+    if distributed:
+        if args.command not in TORCHRUN_COMMANDS:
+            parser.error(f"{args.command!r} does not run under torchrun; use one of "
+                         f"{', '.join(TORCHRUN_COMMANDS)} (or run it as one process)")
+        return run_rank(args.func, args, timeout_s=args.timeout_s, debug=args.debug,
+                        user_error=user_error)
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("fastdiff: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        if args.debug:
+    except Exception as e:
+        line = None if args.debug else user_error(e)
+        if line is None:
             raise
-        print(f"fastdiff: error: {e}", file=sys.stderr)
+        print(f"fastdiff: error: {line}", file=sys.stderr)
         return 2
     return 0
 

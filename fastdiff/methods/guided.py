@@ -37,7 +37,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,7 +55,6 @@ from fastdiff.methods.pd import (
     draw_batch,
     load_training_state,
     progressive_distill,
-    round_summary,
     save_training_state,
     settings_fingerprint,
     update_generator,
@@ -86,7 +85,6 @@ __all__ = [
     "distill_guided_steps",
     "distill_stochastic",
     "stochastic_target",
-    "distill_guided_cli",
 ]
 
 
@@ -583,124 +581,3 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
     out.schedule = schedule
     out.sample_steps = n
     return RoundResult(student=out, steps=n, teacher_steps=teacher_steps, history=history)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
-                       wrap_student=None, device=None) -> None:
-    """`fastdiff distill --guided`: stage 1, then stage 2 down to `--end-steps`; resumable.
-
-    Writes `<out>/stage1` (the w-conditioned one-pass model), `<out>/checkpoints/` (rounds)
-    and `<out>/student` (the final few-step student). Stage 1 trains `--stage1-updates`
-    updates at `--stage1-lr` with the teacher's own "snr+1" weighting; stage 2 uses
-    `--updates`, `--lr` and `--weighting`. A rerun reloads a finished stage 1 trained with
-    the same settings and finished rounds, and resumes an interrupted stage 1 or round from
-    its last state (`--checkpoint-every` updates). rank, world_size, wrap_student, device: data
-    parallelism under torchrun (`python -m fastdiff.apps.distributed distill --guided ...`); only
-    rank 0 prints and writes.
-    """
-    from fastdiff.engine.checkpoint import CheckpointError, load, load_config, save
-
-    def say(msg):
-        if rank == 0:
-            print(msg, flush=True)
-
-    out = Path(args.out)
-    w_min, w_max = check_w_range(args.w_min, args.w_max)
-    quiet = bool(getattr(args, "quiet", False)) or rank != 0
-    stage1_path = out / "stage1"
-    stage1_updates = getattr(args, "stage1_updates", None)
-    stage1_updates = args.updates if stage1_updates is None else stage1_updates
-    stage1_lr = getattr(args, "stage1_lr", None)
-    stage1_lr = args.lr if stage1_lr is None else stage1_lr
-    if isinstance(stage1_updates, bool) or not isinstance(stage1_updates, int) \
-            or stage1_updates < 1:
-        raise ValueError(f"--stage1-updates must be a positive integer, got {stage1_updates}")
-    if not stage1_lr > 0:
-        raise ValueError(f"--stage1-lr must be positive, got {stage1_lr}")
-    stage1_settings = {"w_min": w_min, "w_max": w_max, "updates": stage1_updates,
-                       "lr": stage1_lr, "batch_size": args.batch_size, "seed": args.seed}
-    parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
-                "device": device}
-    stage1 = None
-    if stage1_path.exists():
-        try:
-            meta = load_config(stage1_path).get("metadata", {})
-            differ = {k: (meta.get(k), v) for k, v in stage1_settings.items()
-                      if meta.get(k) != v}
-            if differ:
-                raise CheckpointError(f"it was trained with other settings (saved vs now: "
-                                      f"{differ})")
-            stage1 = load(stage1_path)
-            say(f"stage 1: reusing {stage1_path}")
-        except (CheckpointError, OSError, ValueError) as e:
-            say(f"stage 1: retraining ({stage1_path} unusable: {e})")
-            stage1 = None
-            stale = sorted((out / "checkpoints").glob("student-*")) + sorted(
-                (out / "checkpoints").glob("round-*.state"))
-            if stale and rank == 0:  # stage 2 of the old stage-1 model must not be reused
-                import shutil
-
-                say(f"stage 2: removing {len(stale)} round checkpoint(s) of the old stage 1")
-                for path in stale:
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-    if world_size > 1:
-        from fastdiff.engine.parallel import check_same
-
-        check_same(stage1 is None, "whether stage 1 must be trained")
-    if stage1 is None:
-        state = {"checkpoint_dir": out / "checkpoints"}
-        if getattr(args, "checkpoint_every", None):
-            state["checkpoint_every"] = args.checkpoint_every
-        options = dict(w_min=w_min, w_max=w_max, updates=stage1_updates,
-                       batch_size=args.batch_size, lr=stage1_lr, seed=args.seed,
-                       progress=not quiet, **state, **parallel)
-        try:
-            res = distill_guidance(teacher, data, **options)
-        except CheckpointError as e:  # an interrupted stage 1 of other settings: start over
-            say(f"stage 1: not resuming ({e})")
-            if rank == 0:
-                (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
-            if world_size > 1:  # the others wait here until rank 0 removed it
-                from fastdiff.engine.parallel import check_same
-
-                check_same(True, "stage 1 restarts")
-            res = distill_guidance(teacher, data, **options)
-        stage1 = res.student
-        h = res.history
-        errs = ", ".join(f"w={w:g}: {h.initial_error[w]:.3g} -> {e:.3g}"
-                         for w, e in h.final_error.items())
-        say(f"stage 1: {h.updates_done} updates, {h.wall_time:.0f} s; relative error vs the "
-            f"guided teacher on held-out z_t: {errs}")
-        if rank == 0:
-            save(stage1, stage1_path, metadata={**stage1_settings, "world_size": world_size,
-                                                "history": asdict(h)})
-            (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
-    elif device is not None:
-        stage1 = stage1.to(device)
-    stage1.schedule = getattr(stage1, "schedule", None) or getattr(teacher, "schedule", None)
-
-    def on_round(result):
-        say(f"stage 2 {round_summary(result)}")
-
-    options = {k: getattr(args, k) for k in ("tolerance", "patience", "eval_every",
-                                             "checkpoint_every", "compile")
-               if getattr(args, k, None) is not None}
-    results = distill_guided_steps(
-        stage1, data, w_min=w_min, w_max=w_max, start_steps=args.start_steps,
-        end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size, lr=args.lr,
-        weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
-        checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round,
-        **parallel, **options)
-    final = results[-1]
-    if rank == 0:
-        save(final.student, out / "student",
-             metadata={"steps": final.steps, "guided": True, "w_min": w_min, "w_max": w_max,
-                       "world_size": world_size})
-    say(f"guided student for {final.steps} step(s) saved to {out / 'student'}; sample it "
-        f"with cond={{'y': labels, 'w': weights}} (one pass per step)")

@@ -1,0 +1,241 @@
+"""`fastdiff distill`'s work for every method, in one process or as one rank of a torchrun
+job: `run_distill(teacher, data, args, rank=, world_size=, wrap_student=, device=)`.
+
+- pd (`fastdiff.methods.pd.progressive_distill`): halve the teacher's DDIM steps from
+  `--start-steps` to `--end-steps`; rounds in `<out>/checkpoints`, the last student in
+  `<out>/student`.
+- guided (`distill_guided_cli`): stage 1, the w-conditioned one-pass model
+  (`<out>/stage1`), then stage 2, PD of it down to `--end-steps`.
+- sfd (`distill_sfd_cli`, data-free): a `--student-steps`-NFE student trained along the
+  teacher's ODE trajectories; its state in `<out>/checkpoints`, the student in
+  `<out>/student` with its time grid in the metadata.
+
+Every method resumes when the same command is rerun (the methods keep their training state
+in `<out>/checkpoints`). Only rank 0 prints and writes. The methods themselves print and
+write nothing of their own: this module does it for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from fastdiff.engine.checkpoint import CheckpointError, load, load_config, save
+from fastdiff.engine.parallel import check_same
+from fastdiff.methods.guided import check_w_range, distill_guidance, distill_guided_steps
+from fastdiff.methods.pd import progressive_distill, round_summary
+
+METHODS = ("pd", "guided", "sfd")
+PD_LR = 5e-4  # --lr of pd and guided stage 2 (sfd's default is distill_sfd's own)
+
+
+def distill_method(args) -> str:
+    """The method `args` asks for: `--method` (default pd); `--guided` means guided."""
+    method = getattr(args, "method", None)
+    if getattr(args, "guided", False):
+        if method not in (None, "guided"):
+            raise ValueError(f"--guided is --method guided; it contradicts --method {method}")
+        return "guided"
+    method = method or "pd"
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
+def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap_student=None,
+                device=None) -> None:
+    """`distill`'s work, in one process or as one rank under torchrun (`fastdiff.engine.parallel`:
+    rank, world_size, wrap_student, device); only rank 0 prints and writes. `data` may be
+    None for sfd (data-free)."""
+    method = distill_method(args)
+    if getattr(args, "lr", None) is None and method != "sfd":
+        args = argparse.Namespace(**{**vars(args), "lr": PD_LR})
+    parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
+                "device": device}
+    if method == "guided":
+        distill_guided_cli(teacher, data, args, **parallel)
+    elif method == "sfd":
+        distill_sfd_cli(teacher, args, **parallel)
+    else:
+        distill_pd_cli(teacher, data, args, **parallel)
+
+
+def _say(rank: int):
+    def say(msg):
+        if rank == 0:
+            print(msg, flush=True)
+    return say
+
+
+def distill_pd_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
+                   wrap_student=None, device=None) -> None:
+    """`fastdiff distill --method pd`: progressive distillation, resumable."""
+    say = _say(rank)
+    out = Path(args.out)
+    results = progressive_distill(
+        teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
+        updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
+        tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
+        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
+        seed=args.seed, compile=args.compile, progress=not args.quiet and rank == 0,
+        on_round=lambda result: say(round_summary(result)), rank=rank, world_size=world_size,
+        wrap_student=wrap_student, device=device)
+    final = results[-1]
+    if rank == 0:
+        save(final.student, out / "student",
+             metadata={"steps": final.steps, "world_size": world_size})
+    ranks = f" ({world_size} ranks, global batch {args.batch_size})" if world_size > 1 else ""
+    say(f"student for {final.steps} step(s) saved to {out / 'student'}{ranks}")
+
+
+def distill_sfd_cli(teacher, args, *, rank: int = 0, world_size: int = 1, wrap_student=None,
+                    device=None) -> None:
+    """`fastdiff distill --method sfd`: SFD (data-free) to `--student-steps` network calls
+    per sample; its training state in `<out>/checkpoints`, the student in `<out>/student`
+    (metadata: the time grid, AFS, the grid's settings), resumable."""
+    from fastdiff.methods.sfd import distill_sfd
+
+    say = _say(rank)
+    out = Path(args.out)
+    options = {"student_steps": args.student_steps, "teacher_substeps": args.teacher_substeps,
+               "solver": args.solver, "afs": args.afs, "updates": args.updates,
+               "batch_size": args.batch_size, "seed": args.seed,
+               "progress": not args.quiet and rank == 0,
+               "checkpoint_dir": out / "checkpoints"}
+    if args.lr is not None:
+        options["lr"] = args.lr
+    accepts = inspect.signature(distill_sfd).parameters
+    if getattr(args, "checkpoint_every", None) and "checkpoint_every" in accepts:
+        options["checkpoint_every"] = args.checkpoint_every
+    parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student}
+    if world_size > 1 and not all(k in accepts for k in parallel):
+        raise ValueError("--method sfd does not run data-parallel in this version: run it as "
+                         "one process")
+    options.update({k: v for k, v in parallel.items() if k in accepts})
+    if device is not None:
+        options["device"] = device
+    result = distill_sfd(teacher, **options)
+    if rank == 0:
+        save(result.student, out / "student",
+             metadata={"method": "sfd", "steps": result.steps, "afs": result.afs,
+                       "times": [float(t) for t in result.times],
+                       "steps_range": list(result.steps_range) if result.steps_range else None,
+                       **result.grid, "world_size": world_size})
+    h = result.history
+    loss = f", final loss {h.loss[-1]:.4g}" if h.loss else ""
+    say(f"SFD student for {result.steps} network call(s) per sample saved to "
+        f"{out / 'student'} ({h.updates_done} updates, {h.wall_time:.0f} s{loss}); its time "
+        "grid is in the checkpoint's metadata")
+
+
+def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
+                       wrap_student=None, device=None) -> None:
+    """`fastdiff distill --guided`: stage 1, then stage 2 down to `--end-steps`; resumable.
+
+    Writes `<out>/stage1` (the w-conditioned one-pass model), `<out>/checkpoints/` (rounds)
+    and `<out>/student` (the final few-step student). Stage 1 trains `--stage1-updates`
+    updates at `--stage1-lr` with the teacher's own "snr+1" weighting; stage 2 uses
+    `--updates`, `--lr` and `--weighting`. A rerun reloads a finished stage 1 trained with
+    the same settings and finished rounds, and resumes an interrupted stage 1 or round from
+    its last state (`--checkpoint-every` updates). rank, world_size, wrap_student, device: data
+    parallelism under torchrun (`torchrun ... -m fastdiff distill --method guided ...`); only
+    rank 0 prints and writes.
+    """
+    def say(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    out = Path(args.out)
+    w_min, w_max = check_w_range(args.w_min, args.w_max)
+    quiet = bool(getattr(args, "quiet", False)) or rank != 0
+    stage1_path = out / "stage1"
+    stage1_updates = getattr(args, "stage1_updates", None)
+    stage1_updates = args.updates if stage1_updates is None else stage1_updates
+    stage1_lr = getattr(args, "stage1_lr", None)
+    stage1_lr = args.lr if stage1_lr is None else stage1_lr
+    if isinstance(stage1_updates, bool) or not isinstance(stage1_updates, int) \
+            or stage1_updates < 1:
+        raise ValueError(f"--stage1-updates must be a positive integer, got {stage1_updates}")
+    if not stage1_lr > 0:
+        raise ValueError(f"--stage1-lr must be positive, got {stage1_lr}")
+    stage1_settings = {"w_min": w_min, "w_max": w_max, "updates": stage1_updates,
+                       "lr": stage1_lr, "batch_size": args.batch_size, "seed": args.seed}
+    parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
+                "device": device}
+    stage1 = None
+    if stage1_path.exists():
+        try:
+            meta = load_config(stage1_path).get("metadata", {})
+            differ = {k: (meta.get(k), v) for k, v in stage1_settings.items()
+                      if meta.get(k) != v}
+            if differ:
+                raise CheckpointError(f"it was trained with other settings (saved vs now: "
+                                      f"{differ})")
+            stage1 = load(stage1_path)
+            say(f"stage 1: reusing {stage1_path}")
+        except (CheckpointError, OSError, ValueError) as e:
+            say(f"stage 1: retraining ({stage1_path} unusable: {e})")
+            stage1 = None
+            stale = sorted((out / "checkpoints").glob("student-*")) + sorted(
+                (out / "checkpoints").glob("round-*.state"))
+            if stale and rank == 0:  # stage 2 of the old stage-1 model must not be reused
+                say(f"stage 2: removing {len(stale)} round checkpoint(s) of the old stage 1")
+                for path in stale:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+    if world_size > 1:
+        check_same(stage1 is None, "whether stage 1 must be trained")
+    if stage1 is None:
+        state = {"checkpoint_dir": out / "checkpoints"}
+        if getattr(args, "checkpoint_every", None):
+            state["checkpoint_every"] = args.checkpoint_every
+        options = dict(w_min=w_min, w_max=w_max, updates=stage1_updates,
+                       batch_size=args.batch_size, lr=stage1_lr, seed=args.seed,
+                       progress=not quiet, **state, **parallel)
+        try:
+            res = distill_guidance(teacher, data, **options)
+        except CheckpointError as e:  # an interrupted stage 1 of other settings: start over
+            say(f"stage 1: not resuming ({e})")
+            if rank == 0:
+                (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
+            if world_size > 1:  # the others wait here until rank 0 removed it
+                check_same(True, "stage 1 restarts")
+            res = distill_guidance(teacher, data, **options)
+        stage1 = res.student
+        h = res.history
+        errs = ", ".join(f"w={w:g}: {h.initial_error[w]:.3g} -> {e:.3g}"
+                         for w, e in h.final_error.items())
+        say(f"stage 1: {h.updates_done} updates, {h.wall_time:.0f} s; relative error vs the "
+            f"guided teacher on held-out z_t: {errs}")
+        if rank == 0:
+            save(stage1, stage1_path, metadata={**stage1_settings, "world_size": world_size,
+                                                "history": asdict(h)})
+            (out / "checkpoints" / "stage1.state").unlink(missing_ok=True)
+    elif device is not None:
+        stage1 = stage1.to(device)
+    stage1.schedule = getattr(stage1, "schedule", None) or getattr(teacher, "schedule", None)
+
+    def on_round(result):
+        say(f"stage 2 {round_summary(result)}")
+
+    options = {k: getattr(args, k) for k in ("tolerance", "patience", "eval_every",
+                                             "checkpoint_every", "compile")
+               if getattr(args, k, None) is not None}
+    results = distill_guided_steps(
+        stage1, data, w_min=w_min, w_max=w_max, start_steps=args.start_steps,
+        end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size, lr=args.lr,
+        weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
+        checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round,
+        **parallel, **options)
+    final = results[-1]
+    if rank == 0:
+        save(final.student, out / "student",
+             metadata={"steps": final.steps, "guided": True, "w_min": w_min, "w_max": w_max,
+                       "world_size": world_size})
+    say(f"guided student for {final.steps} step(s) saved to {out / 'student'}; sample it "
+        f"with cond={{'y': labels, 'w': weights}} (one pass per step)")
