@@ -4,8 +4,9 @@ The engine is PyTorch's own: a process group from torchrun's environment (NCCL o
 on CPU), the student in DistributedDataParallel, the teacher replicated and frozen (plain
 module: no DDP wrapper, no gradient buckets, it never sees a collective). fastdiff's loops
 do the rest (`fastdiff.methods.pd.distill_round`, `progressive_distill`, `training.train_teacher`,
-`fastdiff.methods.guided.distill_guidance` and `distill_guided_cli` take `rank`, `world_size` and
-`wrap_student` (`wrap_model` in train_teacher)):
+`fastdiff.methods.guided.distill_guidance`, `distill_guided_cli` and
+`fastdiff.methods.sfd.distill_sfd` take `rank`, `world_size` and `wrap_student` (`wrap_model`
+in train_teacher)):
 
 - every update's randomness is drawn for the GLOBAL batch from a hash of (seed, round,
   update) and each rank keeps its slice `[rank·B/K, (rank+1)·B/K)`, so K ranks with global
@@ -33,6 +34,7 @@ Entry point (same flags as the `fastdiff` CLI, plus `--timeout-s`)::
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -133,23 +135,45 @@ def all_reduce_mean(x):
     return buf.to(t.device, t.dtype) if is_tensor else float(buf)
 
 
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (the same shape on each) concatenated along dim 0 in rank order,
+    on x's device, x's dtype: the global batch from the per-rank slices.
+
+    The identity outside a process group. Every rank must call it, in the same order.
+    """
+    if not is_distributed():
+        return x
+    buf = x.detach().to(_comm_device()).contiguous()
+    parts = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, buf)
+    return torch.cat(parts).to(x.device)
+
+
 class RankMismatchError(RuntimeError):
     """The ranks disagree on something they must share (e.g. where to resume)."""
 
 
+def _comparable(v) -> int:
+    """An int for check_same: ints as they are, strings (e.g. a stage's name) by a hash."""
+    if isinstance(v, str):
+        return int.from_bytes(hashlib.blake2b(v.encode(), digest_size=7).digest(), "little")
+    return int(v)
+
+
 def check_same(values, what: str):
-    """Raise unless every rank passes the same int or tuple of ints (e.g. the round and the
-    update a resume starts at). A collective: also a barrier. Returns values.
+    """Raise unless every rank passes the same int, str or tuple of them (e.g. the stage and
+    the update a resume starts at; strings are compared by a hash). A collective: also a
+    barrier. Returns values.
     """
     if not is_distributed():
         return values
-    vals = [int(v) for v in (values if isinstance(values, (tuple, list)) else (values,))]
+    vals = [_comparable(v) for v in (values if isinstance(values, (tuple, list)) else (values,))]
     t = torch.tensor(vals + [-v for v in vals], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     hi, lo = t[:len(vals)].tolist(), (-t[len(vals):]).tolist()
     if hi != lo:
         raise RankMismatchError(
-            f"ranks disagree on {what}: values range from {lo} to {hi} (this rank: {vals}). "
+            f"ranks disagree on {what}: values range from {lo} to {hi} (this rank: {values!r}). "
             "Every rank must see the same checkpoint folder: put it on a file system shared "
             "by all nodes")
     return values
