@@ -453,7 +453,7 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
     def measure(model) -> float:
         model.eval()
         with phase("eval"), torch.no_grad():
-            value = float(_mean_over_ranks(torch.tensor(float(method.measure(model))), world))
+            value = float(_mean_over_ranks(torch.tensor(float(method.measure(model)), dtype=torch.float64), world))
         student.train()
         return value
 
