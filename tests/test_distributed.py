@@ -93,6 +93,31 @@ def _run_guided(data_path, rank=0, world=1, wrap=None, **kw):
                             world_size=world, wrap_student=wrap, **{**GUIDED, **kw})
 
 
+STOCHASTIC = dict(steps=2, teacher_steps=4, updates=4, batch_size=64, lr=1e-3, eval_every=2,
+                  heldout_size=64, checkpoint_every=3, seed=6, progress=False)
+
+
+def _w_teacher():
+    """A w-conditioned model (standing in for a stage-2 student) whose output depends on w."""
+    from fastdiff.engine.models import add_scalar_condition
+
+    m = _guided_teacher()
+    torch.manual_seed(3)
+    add_scalar_condition(m, "w")
+    with torch.no_grad():
+        for p in m.cond.scalars["w"].parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m.eval()
+
+
+def _run_stochastic(data_path, rank=0, world=1, wrap=None, **kw):
+    from fastdiff.engine.data import load_dataset
+    from fastdiff.methods.guided import distill_stochastic
+
+    return distill_stochastic(_w_teacher(), load_dataset(data_path), rank=rank,
+                              world_size=world, wrap_student=wrap, **{**STOCHASTIC, **kw})
+
+
 def _guided_cli_args(tmp: Path, out: str):
     from fastdiff.apps.cli import build_parser
 
@@ -145,19 +170,18 @@ def _fsdp_checks(info, ref_student):
 
 
 def _count_checkpoint_writes(log: Path, rank: int):
-    """Patch the training-state writer (pd's, which guided imports) so every call leaves a
-    line in `log` (per rank)."""
-    import fastdiff.methods.guided as guided
-    import fastdiff.methods.pd as pd
+    """Patch the training-state writer (the runner's, which every method's loop uses) so
+    every call leaves a line in `log` (per rank)."""
+    import fastdiff.training.runner as runner
 
-    real = pd.save_training_state
+    real = runner.save_run_state
 
     def logged(path, **kw):
         with open(log, "a") as f:
             f.write(f"{rank} {kw['k']} {Path(path).name}\n")
         return real(path, **kw)
 
-    pd.save_training_state = guided.save_training_state = logged
+    runner.save_run_state = logged
 
 
 def worker_round(out: str) -> None:
@@ -183,10 +207,17 @@ def worker_round(out: str) -> None:
                     checkpoint_dir=out / "guided-state", checkpoint_every=3)
     cmd_distill(_guided_cli_args(out, "guided-run"),
                 Ranks(info.rank, info.world_size, info.device, ddp_wrapper(info.device)))
+    # the stochastic-sampler student (checkpoint at update 3 of 4, held-out measure at 2)
+    s = _run_stochastic(out / "blobs.npz", info.rank, info.world_size,
+                        ddp_wrapper(info.device), checkpoint_dir=out / "stochastic-state")
     if info.is_main:
         save_file({k: v.contiguous() for k, v in g.student.state_dict().items()},
                   str(out / "guided.safetensors"))
         (out / "guided-history.json").write_text(json.dumps({"loss": g.history.loss}))
+        save_file({k: v.contiguous() for k, v in s.student.state_dict().items()},
+                  str(out / "stochastic.safetensors"))
+        (out / "stochastic-history.json").write_text(json.dumps(
+            {"loss": s.history.loss, "mismatch": s.history.heldout_mismatch}))
         for name, model in (("student", r.student), ("teacher", teacher)):
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       str(out / f"{name}.safetensors"))
@@ -278,11 +309,15 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(h["mismatch"]),
                                torch.tensor(ref.history.heldout_mismatch), rtol=1e-5, atol=1e-7)
-    # rank 0 wrote every checkpoint (the PD round's at updates 2 and 4 of 6; guided stage 1's
-    # at 3 and at its end, 5; the guided CLI's stage 1 at its end, 4); rank 1 never wrote
+    # rank 0 wrote every checkpoint (the runner's, each loop's at its checkpoint_every and at
+    # its end: the PD round's at updates 2, 4 and 6; guided stage 1's at 3 and 5; the guided
+    # CLI's stage 1 at 4 and its 2 -> 1 round at 3; the stochastic student's at 3 and 4);
+    # rank 1 never wrote
     assert (tmp_path / "writes-rank0.txt").read_text().split("\n")[:-1] == [
         "0 2 round-00008-to-00004.state", "0 4 round-00008-to-00004.state",
-        "0 3 stage1.state", "0 5 stage1.state", "0 4 stage1.state"]
+        "0 6 round-00008-to-00004.state", "0 3 stage1.state", "0 5 stage1.state",
+        "0 4 stage1.state", "0 3 round-00002-to-00001.state", "0 3 stochastic-00002.state",
+        "0 4 stochastic-00002.state"]
     assert not (tmp_path / "writes-rank1.txt").exists()
 
     # guided stage 1 on 2 ranks trains what one process trains with the same global batch
@@ -299,6 +334,14 @@ def test_two_ranks_under_torchrun_equal_one_process_and_one_writer(tmp_path):
         two, one = load(tmp_path / "guided-run" / part), load(tmp_path / "guided-one" / part)
         assert "w" in two.scalar_conds
         _assert_same_weights(two.state_dict(), one)
+    # the stochastic-sampler student on 2 ranks trains what one process trains
+    st = _run_stochastic(tmp_path / "blobs.npz")
+    _assert_same_weights(load_file(str(tmp_path / "stochastic.safetensors")), st.student)
+    sh = json.loads((tmp_path / "stochastic-history.json").read_text())
+    assert len(sh["mismatch"]) == 2 and st.history.eval_updates == [2, 4]
+    for key, mine in (("loss", st.history.loss), ("mismatch", st.history.heldout_mismatch)):
+        torch.testing.assert_close(torch.tensor(sh[key]), torch.tensor(mine), rtol=1e-5,
+                                   atol=1e-7)
 
 
 @pytest.mark.slow  # ~20-40 s on the shared 2-core box: 2-3 Python processes

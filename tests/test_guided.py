@@ -92,7 +92,7 @@ def test_stage1_resumes_after_a_crash_to_the_uninterrupted_student(tmp_path, dat
     kw = dict(w_min=0.0, w_max=4.0, updates=20, batch_size=32, lr=3e-3, eval_every=5,
               heldout_size=64, progress=False, checkpoint_every=5)
     ref = distill_guidance(toy_teacher(), data, **kw)
-    real, calls = guided.optimizer_update, [0]
+    real, calls = guided.guided_distill_loss, [0]   # runs once per update, in the loss
 
     def crash_at_13(*a, **k):
         if calls[0] == 12:
@@ -100,11 +100,11 @@ def test_stage1_resumes_after_a_crash_to_the_uninterrupted_student(tmp_path, dat
         calls[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(guided, "optimizer_update", crash_at_13)
+    monkeypatch.setattr(guided, "guided_distill_loss", crash_at_13)
     with pytest.raises(RuntimeError, match="simulated crash"):
         distill_guidance(toy_teacher(), data, checkpoint_dir=tmp_path, **kw)
     assert (tmp_path / "stage1.state").exists()
-    monkeypatch.setattr(guided, "optimizer_update", real)
+    monkeypatch.setattr(guided, "guided_distill_loss", real)
     resumed = distill_guidance(toy_teacher(), data, checkpoint_dir=tmp_path, **kw)
     for (name, a), b in zip(resumed.student.state_dict().items(),
                             ref.student.state_dict().values()):
@@ -113,7 +113,7 @@ def test_stage1_resumes_after_a_crash_to_the_uninterrupted_student(tmp_path, dat
     assert resumed.history.initial_error == ref.history.initial_error
     assert resumed.history.final_error == ref.history.final_error
     # finished: a rerun trains nothing; other settings are refused, naming the difference
-    monkeypatch.setattr(guided, "optimizer_update", crash_at_13)
+    monkeypatch.setattr(guided, "guided_distill_loss", crash_at_13)
     calls[0] = 12
     again = distill_guidance(toy_teacher(), data, checkpoint_dir=tmp_path, **kw)
     assert again.history.loss == ref.history.loss

@@ -34,9 +34,7 @@ paper.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,26 +51,16 @@ from fastdiff.methods.pd import (
     RoundHistory,
     RoundResult,
     draw_batch,
-    load_training_state,
     progressive_distill,
-    save_training_state,
-    settings_fingerprint,
-    update_generator,
-    wrap_replicated,
 )
-from fastdiff.training import (
-    EMA,
-    LOG_EVERY,
-    Progress,
-    _unwrap,
-    autocast_for,
-    check_global_batch,
-    flush_losses,
-    linear_lr,
-    make_optimizer,
-    maybe_compile,
-    model_device,
-    optimizer_update,
+from fastdiff.training.parts import _unwrap, model_device
+from fastdiff.training.runner import (
+    History,
+    Method,
+    RunConfig,
+    fingerprint_tensors,
+    run,
+    update_generator,
 )
 
 __all__ = [
@@ -150,20 +138,16 @@ class _Draw:
 
 
 def _draw_stage1(examples, labels, batch: int, gen: torch.Generator, schedule: Schedule,
-                 w_min: float, w_max: float, *, label_dropout: float, device, rank: int = 0,
-                 world: int = 1) -> _Draw:
+                 w_min: float, w_max: float, *, label_dropout: float, device=None) -> _Draw:
     """All of one update's randomness for the global `batch` from `gen` (a pure function of
-    seed and update index), of which this rank keeps its slice: K ranks see what one
-    process sees."""
+    seed, stage and update index). The runner keeps each rank's slice of it, so K ranks
+    see what one process sees."""
     n = examples.shape[0]
     idx = torch.randint(0, n, (batch,), generator=gen)
     t = torch.rand(batch, generator=gen, dtype=torch.float64)
     eps = torch.randn((batch, *examples.shape[1:]), generator=gen)
     w = w_min + (w_max - w_min) * torch.rand(batch, generator=gen)
     drop = torch.rand(batch, generator=gen) < label_dropout
-    per = batch // world
-    sl = slice(rank * per, (rank + 1) * per)
-    idx, t, eps, w, drop = idx[sl], t[sl], eps[sl], w[sl], drop[sl]
     x = examples[idx].to(device)
     y = torch.where(drop, torch.full_like(labels[idx], -1), labels[idx]).to(device)
     t = t.to(device)
@@ -174,21 +158,28 @@ def _draw_stage1(examples, labels, batch: int, gen: torch.Generator, schedule: S
 
 # --------------------------------------------------------------------------- stage 1
 
+STAGE1_STATE = "stage1.state"   # the stage-1 training state in `checkpoint_dir`
+
 
 @dataclass
-class GuidanceHistory:
-    """What stage 1 cost and reached (times in seconds; errors are relative, see
-    `guidance_error`, averaged over `eval_ws`)."""
+class GuidanceHistory(History):
+    """What stage 1 cost and reached (`fastdiff.training.runner.History`; times in seconds,
+    evaluation excluded). `heldout` (alias `heldout_error`) is the EMA student's relative
+    error (see `guidance_error`) averaged over `eval_ws`; `initial` the untrained copy's."""
 
-    loss: list = field(default_factory=list)            # training loss per update
-    eval_updates: list = field(default_factory=list)
-    heldout_error: list = field(default_factory=list)   # EMA student, mean over eval_ws
     initial_error: dict = field(default_factory=dict)   # the untrained copy, per w
     final_error: dict = field(default_factory=dict)     # the returned student, per w
-    wall_time: float = 0.0
-    samples_per_s: float = 0.0
-    updates_done: int = 0
-    resumed_from: int = 0                               # update a rerun resumed at (0: fresh)
+
+    @property
+    def heldout_error(self) -> list:
+        return self.heldout
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        h = super().from_dict(d)
+        for name in ("initial_error", "final_error"):  # JSON made the w keys strings
+            setattr(h, name, {float(w): e for w, e in getattr(h, name).items()})
+        return h
 
 
 @dataclass
@@ -248,7 +239,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                      progress: bool = True, device=None,
                      student: nn.Module | None = None, rank: int = 0, world_size: int = 1,
                      wrap_student=None, checkpoint_dir=None,
-                     checkpoint_every: int = 200) -> GuidanceResult:
+                     checkpoint_every: int = 200, max_skips: int = 20) -> GuidanceResult:
     """Stage 1 of Meng et al.: one network that predicts the guided v̂^w in one pass.
 
     Guidance convention: v̂^w(z, c) = (1 + w) v̂(z, c) − w v̂(z, ∅); w = 0 is the plain
@@ -269,40 +260,55 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     is the global batch, each rank trains on its slice, `wrap_student`, e.g.
     `fastdiff.engine.parallel.ddp_wrapper(device)`, averages the gradients, so K ranks train what
     one process trains); checkpoint_dir: if given, the training state (student, EMA,
-    optimizer, position, history, a fingerprint of the settings) is written atomically to
-    `checkpoint_dir/stage1.state` every `checkpoint_every` updates and at the end (rank 0),
-    and a rerun with the same settings resumes from it and ends with the same student as an
-    uninterrupted run; a state from other settings is refused, naming the differences.
+    optimizer, position, history, a fingerprint of the settings, the teacher's weights and
+    the data) is written atomically to `checkpoint_dir/stage1.state` every
+    `checkpoint_every` updates and at the end (rank 0), and a rerun with the same settings
+    resumes from it and ends with the same student as an uninterrupted run; a state from
+    other settings is refused, naming the differences; max_skips: consecutive non-finite
+    updates (each skipped: no optimizer step, no EMA update, listed in `history.skipped`)
+    before the run stops with `fastdiff.training.NonFiniteError`.
 
     The student is a deep copy of the teacher with `add_scalar_condition(student, "w")`
-    (zero-initialised, so it starts exactly as the teacher). Each update's randomness is a
-    pure function of (seed, update index). Every `eval_every` updates the EMA student's
-    relative error against v̂^w on fixed held-out z_t is recorded (mean over `eval_ws`).
+    (zero-initialised, so it starts exactly as the teacher). The loop is the shared runner
+    (`fastdiff.training.runner.run`): update k's randomness is a pure function of (seed,
+    "guided-stage1", k). Every `eval_every` updates the EMA student's relative error against
+    v̂^w on fixed held-out z_t is recorded (mean over `eval_ws`); `history.wall_time` is
+    training time, the evaluations' time is `history.eval_time`.
 
     Returns GuidanceResult(student = EMA weights in eval mode with `.schedule`, history).
     """
     from fastdiff.engine.data import as_dataset
 
     w_min, w_max = check_w_range(w_min, w_max)
-    for name, value in (("updates", updates), ("batch_size", batch_size),
-                        ("eval_every", eval_every), ("heldout_size", heldout_size),
-                        ("checkpoint_every", checkpoint_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(heldout_size, bool) or not isinstance(heldout_size, int) or heldout_size < 1:
+        raise ValueError(f"heldout_size must be a positive integer, got {heldout_size!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-    check_global_batch(batch_size, world_size)
+    eval_ws = [float(w) for w in eval_ws]
+    if not eval_ws:
+        raise ValueError("eval_ws must name at least one guidance weight")
+    config = RunConfig(
+        updates=updates, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+        grad_clip=grad_clip, seed=seed, eval_every=eval_every,
+        checkpoint=Path(checkpoint_dir) / STAGE1_STATE if checkpoint_dir is not None else None,
+        checkpoint_every=checkpoint_every, max_skips=max_skips, autocast=autocast,
+        compile=compile, progress=progress, rank=rank, world_size=world_size,
+        wrap_student=wrap_student)
+    config.check()
     if not callable(teacher):
         raise TypeError("teacher must be a callable model(z, t, y=labels) -> v_hat")
     dataset = as_dataset(data)
     _needs_labels(teacher, dataset)
     schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(teacher)
+    config.device = device
     teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
     if teacher_module is not None:
         teacher_module.eval().requires_grad_(False)
+    # a given student is part of what defines the run; the default copy of the teacher not
+    start_from = fingerprint_tensors(student) if student is not None else "teacher"
     if student is None:
         if teacher_module is None:
             raise TypeError("a plain-callable teacher needs an explicit `student` module")
@@ -313,94 +319,54 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             add_scalar_condition(student, "w", scale=w_scale)
-    student = student.to(device).train().requires_grad_(True)
 
-    opt = make_optimizer(student, lr)
-    ema = EMA(student, ema_decay)
-    history = GuidanceHistory()
-    held = _HeldOutGuidance(teacher, dataset, schedule, size=heldout_size, seed=seed,
-                            device=device)
-    fingerprint = settings_fingerprint(
-        stage="guidance", w_min=w_min, w_max=w_max, updates=updates, batch_size=batch_size,
-        lr=lr, weighting=weighting, ema_decay=ema_decay, grad_clip=grad_clip, warmup=warmup,
-        label_dropout=label_dropout, w_scale=w_scale, balance_w=balance_w, seed=seed,
-        world_size=world_size, eval_every=eval_every, eval_ws=str(list(eval_ws)),
-        teacher=json.dumps(getattr(teacher_module, "config", None), sort_keys=True,
-                           default=str))
-    state_path = Path(checkpoint_dir) / "stage1.state" if checkpoint_dir is not None else None
-    start = 0
-    if state_path is not None and state_path.exists():
-        start, history = load_training_state(state_path, student=student, ema=ema, opt=opt,
-                                             fingerprint=fingerprint,
-                                             history_type=GuidanceHistory)
-        for name in ("initial_error", "final_error"):  # JSON made the w keys strings
-            setattr(history, name, {float(w): e for w, e in getattr(history, name).items()})
-        history.resumed_from = start
-    if world_size > 1:  # every rank resumes from the same update (shared checkpoint_dir)
-        from fastdiff.engine.parallel import check_same
-
-        check_same(start, "the stage-1 update to resume at")
-    if start == 0:
-        history.initial_error = held.errors(student.eval(), eval_ws)
-    student.train()
-    train_model = wrap_replicated(maybe_compile(student, compile), student, wrap_student)
-    amp = autocast_for(device, autocast)
     examples, labels = dataset.train, dataset.train_labels
-    bar = Progress(updates, "guidance (stage 1)", progress and rank == 0, initial=start)
-    pending = []
-    t0 = time.perf_counter() - history.wall_time
+    history = GuidanceHistory()
+    held: list = []
 
-    def save_state(k: int) -> None:
-        """Rank 0 writes the state after update k; the losses must be flushed already (the
-        flush averages over ranks, so every rank has to take part in it)."""
-        if state_path is not None and rank == 0:
-            history.wall_time = time.perf_counter() - t0
-            history.updates_done = k
-            with phase("checkpoint"):
-                save_training_state(state_path, student=student, ema=ema, opt=opt, k=k,
-                                    history=history, fingerprint=fingerprint)
+    def held_out() -> _HeldOutGuidance:  # the teacher's held-out outputs, computed once
+        if not held:
+            held.append(_HeldOutGuidance(teacher, dataset, schedule, size=heldout_size,
+                                         seed=seed, device=device))
+        return held[0]
 
-    for k in range(start, updates):
-        gen = update_generator(seed, "guided-stage1", k)
-        with phase("data"):
-            d = _draw_stage1(examples, labels, batch_size, gen, schedule, w_min, w_max,
-                             label_dropout=label_dropout, device=device, rank=rank,
-                             world=world_size)
-        for group in opt.param_groups:
-            group["lr"] = lr * linear_lr(k, updates, warmup)
-        v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y, amp)
-        with phase("student_forward"), amp:
-            v_s = train_model(d.z_t, d.t.float(), y=d.y, w=d.w)
+    def draw(gen, n) -> _Draw:
+        return _draw_stage1(examples, labels, n, gen, schedule, w_min, w_max,
+                            label_dropout=label_dropout)
+
+    def loss(model, d: _Draw) -> torch.Tensor:
+        v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y)   # under the runner's autocast
+        with phase("student_forward"):
+            v_s = model(d.z_t, d.t.float(), y=d.y, w=d.w)
         with phase("target"):
             balance = 1.0 / (1.0 + d.w.clamp(min=0)).square() if balance_w else None
-            loss = guided_distill_loss(v_s.to(d.z_t.dtype), v_c, v_u, d.w,
-                                       schedule.phi(d.t), weighting, sample_weight=balance)
-        optimizer_update(loss, student, opt, ema, grad_clip)
-        pending.append(loss.detach())
-        checkpoint_now = state_path is not None and (k + 1) % checkpoint_every == 0 \
-            and k + 1 < updates
-        # a loss read-back syncs a GPU: batch them (on every rank: it is a collective)
-        if len(pending) == LOG_EVERY or checkpoint_now:
-            flush_losses(pending, history.loss, world_size)
-        bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
-        if (k + 1) % eval_every == 0 or k + 1 == updates:
-            with phase("eval"):
-                errs = held.errors(ema.shadow, eval_ws)
-            history.eval_updates.append(k + 1)
-            history.heldout_error.append(sum(errs.values()) / len(errs))
-        if checkpoint_now:
-            save_state(k + 1)
-    flush_losses(pending, history.loss, world_size)
-    bar.close()
-    history.wall_time = time.perf_counter() - t0
-    history.updates_done = updates
-    history.samples_per_s = updates * batch_size / max(history.wall_time, 1e-9)
-    out = ema.shadow
-    history.final_error = held.errors(out, eval_ws)
-    if start < updates:
-        save_state(updates)  # a rerun after a crash past this point needs no training
+            return guided_distill_loss(v_s.to(d.z_t.dtype), v_c, v_u, d.w, schedule.phi(d.t),
+                                       weighting, sample_weight=balance)
+
+    def measure(model) -> float:
+        errs = held_out().errors(model, eval_ws)
+        # the runner measures the untrained student first (a fresh run only: a resumed one
+        # has its initial errors in the restored history)
+        if not history.initial_error:
+            history.initial_error = errs
+        return sum(errs.values()) / len(errs)
+
+    settings = {"w_min": w_min, "w_max": w_max, "weighting": weighting,
+                "label_dropout": label_dropout, "w_scale": w_scale, "balance_w": balance_w,
+                "heldout_size": heldout_size, "eval_ws": eval_ws,
+                "schedule": schedule.config,
+                "teacher": fingerprint_tensors(teacher_module) if teacher_module is not None
+                else type(teacher).__name__,
+                "student": start_from,
+                "data": fingerprint_tensors(examples, labels, dataset.held_out,
+                                            dataset.held_out_labels)}
+    method = Method(name="guided-stage1", student=student, draw=draw, loss=loss,
+                    settings=settings, measure=measure)
+    result = run(method, config, history=history)
+    out, h = result.student, result.history
+    h.final_error = held_out().errors(out, eval_ws)
     out.schedule = schedule
-    return GuidanceResult(student=out, history=history)
+    return GuidanceResult(student=out, history=h)
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -414,24 +380,24 @@ def distill_guided_steps(stage1_student, data, *, w_min: float = 0.0, w_max: flo
     Each update draws w ~ U[w_min, w_max] per example (from the update's RNG) and passes it to
     teacher and student alike; otherwise this is `fastdiff.methods.pd.progressive_distill` (halving
     `start_steps` → `end_steps`; `updates` per round; other keywords go to `distill_round`).
-    label_dropout defaults to 0: the stage-1 model was distilled for real labels.
+    label_dropout defaults to 0: the stage-1 model was distilled for real labels. The w range
+    is part of each round's settings fingerprint (a round of another range is not reused).
     Returns the rounds' results; each `.student` samples with one pass per step:
     `sample(student, noise, steps, cond={"y": labels, "w": w_tensor})`.
     """
     if "w" not in getattr(_unwrap(stage1_student), "scalar_conds", ()):
         raise ValueError("stage1_student has no scalar condition 'w': run distill_guidance "
                          "first (stage 1)")
+    w_min, w_max = check_w_range(w_min, w_max)
+    extra_settings = {"w_min": w_min, "w_max": w_max,
+                      **(round_options.pop("extra_settings", None) or {})}
     return progressive_distill(stage1_student, data, start_steps=start_steps,
                                end_steps=end_steps, updates=updates,
                                label_dropout=label_dropout, extra_cond=w_sampler(w_min, w_max),
-                               **round_options)
+                               extra_settings=extra_settings, **round_options)
 
 
 # --------------------------------------------------------------------------- stochastic
-
-
-
-
 
 
 @torch.no_grad()
@@ -482,12 +448,20 @@ def _substeps(steps: int, teacher_steps) -> int:
     return teacher_steps // steps
 
 
+def _stochastic_state(checkpoint_dir, steps: int) -> Path:
+    return Path(checkpoint_dir) / f"stochastic-{steps:05d}.state"
+
+
 def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None = None,
                        w_min: float = 0.0, w_max: float = 4.0, updates: int = 400,
                        batch_size: int = 128, lr: float = 2e-4, weighting: str = "snr_trunc",
                        ema_decay: float = 0.995, grad_clip: float = 1.0,
                        schedule: Schedule | None = None, autocast=None, seed: int = 0,
-                       progress: bool = True, device=None) -> RoundResult:
+                       progress: bool = True, device=None, heldout_size: int = 256,
+                       eval_every: int | None = None, compile: bool = False,
+                       checkpoint_dir=None, checkpoint_every: int = 200, rank: int = 0,
+                       world_size: int = 1, wrap_student=None,
+                       max_skips: int = 20) -> RoundResult:
     """A student for the stochastic N-step sampler (the paper's variant of stage 2).
 
     The stochastic sampler evaluates the student at t = i/N but steps 2/N (to (i−2)/N) for
@@ -498,6 +472,18 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
     inherits that student's error. The new student starts as a copy of the teacher and learns
     `stochastic_target` (ṽ of the teacher's k- or 2k-step span) with w ~ U[w_min, w_max] per
     example and the PD loss (`distill_loss`, `weighting`); an update costs 2k teacher passes.
+
+    The loop is the shared runner (`fastdiff.training.runner.run`): lr is annealed linearly
+    to 0; update k's randomness is a pure function of (seed, "guided-stochastic<N>", k);
+    eval_every: updates between held-out measures of the EMA student (default: only at the
+    end; the untrained copy is always measured), on `heldout_size` fixed held-out examples;
+    checkpoint_dir: the training state is written atomically to
+    `checkpoint_dir/stochastic-<N>.state` (N zero-padded to 5 digits) every
+    `checkpoint_every` updates and at the end, and a rerun with the same settings (teacher
+    weights and data included) resumes from it; rank, world_size, wrap_student: data
+    parallelism as in `fastdiff.methods.pd.distill_round` (batch_size is the global batch);
+    max_skips: consecutive non-finite updates (each skipped) before `NonFiniteError`.
+
     Returns RoundResult(student = EMA weights, steps = N, teacher_steps = kN, history with the
     held-out mismatch before and after).
     """
@@ -509,6 +495,16 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
                          f"least two steps), got {steps!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if isinstance(heldout_size, bool) or not isinstance(heldout_size, int) or heldout_size < 1:
+        raise ValueError(f"heldout_size must be a positive integer, got {heldout_size!r}")
+    config = RunConfig(
+        updates=updates, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+        grad_clip=grad_clip, seed=seed, eval_every=updates if eval_every is None else eval_every,
+        checkpoint=_stochastic_state(checkpoint_dir, steps) if checkpoint_dir is not None
+        else None, checkpoint_every=checkpoint_every, max_skips=max_skips,
+        autocast=autocast, compile=compile, progress=progress, rank=rank,
+        world_size=world_size, wrap_student=wrap_student)
+    config.check()
     dataset = as_dataset(data)
     _needs_labels(teacher, dataset)
     if "w" not in getattr(_unwrap(teacher), "scalar_conds", ()):
@@ -521,63 +517,54 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
     _substeps(steps, teacher_steps)
     schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(teacher)
+    config.device = device
     teacher_module = _unwrap(teacher)
     teacher_module.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher_module).to(device).train().requires_grad_(True)
-    opt = make_optimizer(student, lr)
-    ema = EMA(student, ema_decay)
-    amp = autocast_for(device, autocast)
+    student = copy.deepcopy(teacher_module)
     draw_w = w_sampler(w_min, w_max)
-    history = RoundHistory()
-    # a fixed held-out batch with its targets: the weighted mismatch before and after
-    gen = update_generator(seed, f"guided-stochastic-heldout{steps}", 0)
-    size = min(256, len(dataset.held_out))
-    held = draw_batch(dataset.held_out[:size], dataset.held_out_labels[:size], steps, size, gen,
-                      schedule, label_dropout=0.0, use_labels=True, device=device,
-                      extra_cond=draw_w)
-    held_phi, held_target = stochastic_target(teacher, held.z_t, held.t, held.cond, steps,
-                                              schedule, teacher_steps=teacher_steps)
+    examples, labels = dataset.train, dataset.train_labels
+    held: list = []
 
-    @torch.no_grad()
-    def mismatch(model) -> float:
-        v = model(held.z_t, held.t.float(), **held.cond)
-        return float(distill_loss(v.to(held_target.dtype), held_target, held_phi,
-                                  weighting=weighting))
-
-    history.initial_mismatch = mismatch(student)
-    bar = Progress(updates, f"stochastic student {steps}", progress)
-    t0 = time.perf_counter()
-    n = steps
-    pending = []
-    for k in range(updates):
-        gen = update_generator(seed, f"guided-stochastic{n}", k)
-        with phase("data"):
-            b = draw_batch(dataset.train, dataset.train_labels, n, batch_size, gen, schedule,
-                           label_dropout=0.0, use_labels=True, device=device,
+    def held_out():
+        """A fixed held-out batch with its targets (the teacher's passes, once)."""
+        if not held:
+            gen = update_generator(seed, f"guided-stochastic-heldout{steps}", 0)
+            size = min(heldout_size, len(dataset.held_out))
+            b = draw_batch(dataset.held_out[:size], dataset.held_out_labels[:size], steps, size,
+                           gen, schedule, label_dropout=0.0, use_labels=True, device=device,
                            extra_cond=draw_w)
-        for group in opt.param_groups:
-            group["lr"] = lr * linear_lr(k, updates, 0)
-        cond = b.cond
-        phi_t, target = stochastic_target(teacher, b.z_t, b.t, cond, n, schedule, amp,
+            held.append((b, *stochastic_target(teacher, b.z_t, b.t, b.cond, steps, schedule,
+                                               teacher_steps=teacher_steps)))
+        return held[0]
+
+    def draw(gen, n):
+        return draw_batch(examples, labels, steps, n, gen, schedule, label_dropout=0.0,
+                          use_labels=True, extra_cond=draw_w)
+
+    def loss(model, b) -> torch.Tensor:
+        cond = b.cond   # the teacher runs under the runner's autocast
+        phi_t, target = stochastic_target(teacher, b.z_t, b.t, cond, steps, schedule,
                                           teacher_steps=teacher_steps)
-        with phase("student_forward"), amp:
-            v_s = student(b.z_t, b.t.float(), **cond)
+        with phase("student_forward"):
+            v_s = model(b.z_t, b.t.float(), **cond)
         with phase("target"):
-            loss = distill_loss(v_s.to(b.z_t.dtype), target, phi_t, weighting=weighting)
-        optimizer_update(loss, student, opt, ema, grad_clip)
-        pending.append(loss.detach())
-        if len(pending) == LOG_EVERY:
-            flush_losses(pending, history.loss)
-        bar.update(batch_size, **({"loss": history.loss[-1]} if history.loss else {}))
-    flush_losses(pending, history.loss)
-    bar.close()
-    history.wall_time = time.perf_counter() - t0
-    history.updates_done = updates
-    history.stopped_by = "updates"
-    history.samples_per_s = updates * batch_size / max(history.wall_time, 1e-9)
-    out = ema.shadow
-    history.eval_updates.append(updates)
-    history.heldout_mismatch.append(mismatch(out))
+            return distill_loss(v_s.to(b.z_t.dtype), target, phi_t, weighting=weighting)
+
+    def measure(model) -> float:  # the weighted mismatch on the held-out batch
+        b, phi, target = held_out()
+        v = model(b.z_t, b.t.float(), **b.cond)
+        return float(distill_loss(v.to(target.dtype), target, phi, weighting=weighting))
+
+    settings = {"steps": steps, "teacher_steps": teacher_steps, "w_min": w_min,
+                "w_max": w_max, "weighting": weighting, "heldout_size": heldout_size,
+                "schedule": schedule.config, "teacher": fingerprint_tensors(teacher_module),
+                "data": fingerprint_tensors(examples, labels, dataset.held_out,
+                                            dataset.held_out_labels)}
+    method = Method(name=f"guided-stochastic{steps}", student=student, draw=draw, loss=loss,
+                    settings=settings, measure=measure)
+    result = run(method, config, history=RoundHistory())
+    out = result.student
     out.schedule = schedule
-    out.sample_steps = n
-    return RoundResult(student=out, steps=n, teacher_steps=teacher_steps, history=history)
+    out.sample_steps = steps
+    return RoundResult(student=out, steps=steps, teacher_steps=teacher_steps,
+                       history=result.history)

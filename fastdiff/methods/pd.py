@@ -127,23 +127,6 @@ def draw_batch(examples, labels, student_steps: int, global_batch: int, gen, sch
     return PDBatch(z_t=z_t, t=t, y=y, extra=extra)
 
 
-def wrap_replicated(train_model, student: nn.Module, wrap_student):
-    """`wrap_student(train_model)` (e.g. DistributedDataParallel), or `train_model` if None.
-
-    Refuses a wrapper that shards the student's parameters (FSDP): the training loops build
-    their optimizer, EMA and rank-0 checkpoints on full local parameters."""
-    if wrap_student is None:
-        return train_model
-    wrapped = wrap_student(train_model)
-    if any(hasattr(p, "placements") for p in student.parameters()):
-        raise NotImplementedError(
-            "wrap_student sharded the student's parameters (FSDP): fastdiff's distillation "
-            "loops build their optimizer, EMA and rank-0 checkpoints on full local parameters, "
-            "so use a replicating wrapper (fastdiff.engine.parallel.ddp_wrapper); see "
-            "fsdp_wrapper's docstring for what FSDP needs")
-    return wrapped
-
-
 def student_times(t: torch.Tensor, student_steps: int):
     """t' = t − ½/N and t'' = t − 1/N (N = student steps): the teacher's two half steps."""
     return t - 0.5 / student_steps, t - 1.0 / student_steps
@@ -206,72 +189,8 @@ class HeldOut:
                                   weighting=self.weighting))
 
 
-def settings_fingerprint(**kw) -> dict:
-    """The settings a training state belongs to, as JSON-safe values (compared on resume)."""
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-            for k, v in kw.items()}
-
-
 def _state_path(checkpoint_dir, teacher_steps: int) -> Path:
     return Path(checkpoint_dir) / f"round-{teacher_steps:05d}-to-{teacher_steps // 2:05d}.state"
-
-
-def save_training_state(path, *, student, ema, opt, k, history, fingerprint):
-    """Write a loop's whole state atomically (safetensors + JSON, no pickle): the student
-    (unwrapped), EMA and optimizer state, the global RNG, the next update `k`, the history
-    dataclass and the settings fingerprint."""
-    from fastdiff.engine.checkpoint import flatten_state_dict, rng_state, save_state
-
-    tensors, meta = {}, {}
-    for name, sd in (("student", _unwrap(student).state_dict()),
-                     ("ema", ema.shadow.state_dict()), ("opt", opt.state_dict())):
-        t, m = flatten_state_dict(sd)
-        tensors.update({f"{name}/{key}": v for key, v in t.items()})
-        meta[name] = m
-    tensors.update({f"rng/{key}": v for key, v in rng_state().items()})
-    meta.update(update=k, history=asdict(history), fingerprint=fingerprint)
-    save_state(path, tensors, meta)
-
-
-def load_training_state(path, *, student, ema, opt, fingerprint, history_type=None):
-    """Restore what `save_training_state` wrote into `student`, `ema`, `opt` and the RNG;
-    returns (k, history as `history_type`, default RoundHistory). A state written under
-    other settings raises CheckpointError listing the differences."""
-    from fastdiff.engine.checkpoint import (
-        CheckpointError,
-        load_state,
-        set_rng_state,
-        unflatten_state_dict,
-    )
-
-    tensors, meta = load_state(path)
-    if meta.get("fingerprint") != fingerprint:
-        diff = {k: (meta.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                if meta.get("fingerprint", {}).get(k) != v}
-        raise CheckpointError(
-            f"{path}: this checkpoint belongs to a run with other settings "
-            f"(saved vs now: {diff}); use another checkpoint_dir or the original settings")
-
-    def part(name):
-        pre = f"{name}/"
-        return unflatten_state_dict({k[len(pre):]: v for k, v in tensors.items()
-                                     if k.startswith(pre)}, meta[name])
-
-    _unwrap(student).load_state_dict(part("student"))
-    ema.shadow.load_state_dict(part("ema"))
-    opt.load_state_dict(part("opt"))
-    set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng/")})
-    return int(meta["update"]), (history_type or RoundHistory)(**meta["history"])
-
-
-
-
-
-
-
-
-
-
 
 
 def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
