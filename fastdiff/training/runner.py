@@ -226,6 +226,8 @@ def fingerprint_tensors(*objects) -> str:
             h.update(json.dumps(obj, sort_keys=True, default=str).encode())
             continue
         for name, t in items:
+            if hasattr(t, "full_tensor"):   # a sharded (FSDP) parameter: a collective
+                t = t.full_tensor()
             t = t.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
