@@ -49,9 +49,18 @@ def test_sample_and_eval_on_a_saved_model(tmp_path, capsys):
 
 
 def test_entry_point_runs():
-    r = subprocess.run([sys.executable, "-m", "fastdiff.apps.cli", "--help"], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and "distill" in r.stdout
+    # `python -m fastdiff` (fastdiff/__main__.py) is what `torchrun -m fastdiff` runs
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "distill", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--method {pd,guided,sfd}" in r.stdout
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from fastdiff.engine.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="missing"):
+        main(["--debug", "distill", "--teacher", str(tmp_path / "missing"), "--out",
+              str(tmp_path / "run")])
 
 
 @pytest.mark.parametrize("steps", ["0", "a,b"])

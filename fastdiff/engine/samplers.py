@@ -39,9 +39,9 @@ def guidance_inputs(model, cond: dict | None, guidance, batch: int) -> tuple[dic
     """How to sample `model` at guidance weight w: `(cond, guidance)` for `sample`.
 
     A guidance-distilled model (one with the scalar condition "w", `fastdiff.methods.guided`)
-    takes w as an input, cond["w"] = w for each of the `batch` examples: one pass per step. Any other
-    model gets classifier-free guidance from `sample` (two passes per step). guidance None:
-    unchanged.
+    takes w as an input, cond["w"] = w for each of the `batch` examples: one pass per step.
+    Any other model gets classifier-free guidance from `sample` (two passes per step).
+    guidance None: unchanged.
     """
     cond = dict(cond or {})
     if guidance is not None and "w" in getattr(model, "scalar_conds", ()):
