@@ -127,25 +127,32 @@ def test_a_second_concurrent_writer_is_refused_in_one_line(tmp_path, capsys,
 def test_stale_temps_of_a_killed_write_are_removed_by_the_next_writer(tmp_path, capsys):
     out = tmp_path / "T"
     (out / "checkpoints" / "student-00002").mkdir(parents=True)
-    stale = [out / ".model.safetensors.tmp-4242-0badcafe",
-             out / "checkpoints" / ".teacher.state.tmp-17-0123abcd",
-             out / "checkpoints" / "student-00002" / ".config.json.tmp-9-89abcdef",
-             out / ".student.old-77-deadbeef"]
+    dead = 99_999_999  # above any pid_max: no such process
+    stale = [out / f".model.safetensors.tmp-{dead}-0badcafe",
+             out / "checkpoints" / f".teacher.state.tmp-{dead}-0123abcd",
+             out / "checkpoints" / "student-00002" / f".config.json.tmp-{dead}-89abcdef",
+             out / f".student.old-{dead}-deadbeef"]
     for path in stale[:3]:
         path.write_bytes(b"\0" * 1000)
     stale[3].mkdir()
     (stale[3] / "model.safetensors").write_bytes(b"x")
-    kept = [out / ".notes.tmp", out / "model.tmp-1-0badcafe", out / "notes.txt",
-            out / "other-run" / ".model.safetensors.tmp-5-0badcafe"]
+    writer = subprocess.Popen(["sleep", "60"])  # a live process writing without a lock
+    kept = [out / ".notes.tmp", out / f"model.tmp-{dead}-0badcafe", out / "notes.txt",
+            out / "other-run" / f".model.safetensors.tmp-{dead}-0badcafe",
+            out / f".samples.png.tmp-{writer.pid}-0badcafe"]
     (out / "other-run").mkdir()
     (out / "other-run" / ".lock").write_text("")  # another job's folder: not ours to sweep
     for path in kept:
         path.write_text("keep")
-    assert main(["train-teacher", "--out", str(out), *TINY]) == 0
+    try:
+        assert main(["train-teacher", "--out", str(out), *TINY]) == 0
+    finally:
+        writer.kill()
+        writer.wait()
     assert "removed 4 temporary file(s)" in capsys.readouterr().out
     assert not any(p.exists() for p in stale)
     assert all(p.read_text() == "keep" for p in kept)
-    assert remove_stale_temps(out) == []
+    assert remove_stale_temps(out) == [kept[-1]]  # its writer is gone now
 
 
 def test_train_teacher_into_a_run_folder_keeps_the_distillation(tmp_path, capsys):

@@ -115,7 +115,7 @@ def _fsync_tree(root: Path) -> None:
             pass
 
 
-TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-\d+-[0-9a-f]{8}$")  # what _temp_sibling makes
+TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-(\d+)-[0-9a-f]{8}$")  # what _temp_sibling makes
 LOCK = ".lock"
 
 
@@ -179,11 +179,24 @@ def remove_stale_temps(root, *, depth: int = 3) -> list[Path]:
     in `root` and its subfolders down to `depth` levels; returns what was removed.
 
     Only safe while no other process writes there: call it holding `lock_folder(root)`.
-    A subfolder with its own lock file belongs to another job and is skipped, and symbolic
+    Even then, a temporary whose writer (the pid in its name) is still alive is kept (a
+    command that takes no lock, such as `fastdiff sample --out`, may be writing it); a
+    subfolder with its own lock file belongs to another job and is skipped, and symbolic
     links are never followed.
     """
     root = Path(root)
     removed = []
+
+    def in_use(pid: int) -> bool:
+        if pid == os.getpid():  # this process is not writing while it sweeps
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # alive, someone else's
+            return True
+        return True
 
     def walk(folder: Path, level: int) -> None:
         try:
@@ -192,7 +205,10 @@ def remove_stale_temps(root, *, depth: int = 3) -> list[Path]:
             return
         for entry in entries:
             path = Path(entry.path)
-            if TEMP_NAME.match(entry.name):
+            match = TEMP_NAME.match(entry.name)
+            if match:
+                if in_use(int(match.group(2))):
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(path, ignore_errors=True)
                 else:
