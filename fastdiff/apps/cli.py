@@ -114,6 +114,9 @@ def _claimed(args, ranks: Ranks, owned):
 
 
 def cmd_train_teacher(args, ranks: Ranks = ONE_PROCESS) -> None:
+    """`fastdiff train-teacher`: train into `--out` (model.safetensors, config.json; its
+    training state in `--out/checkpoints/teacher.state`, so a rerun resumes), as one process
+    or as rank `ranks` of a torchrun job."""
     import torch
 
     from fastdiff.apps.outdir import TEACHER_FILES
@@ -151,6 +154,8 @@ def cmd_train_teacher(args, ranks: Ranks = ONE_PROCESS) -> None:
 
 
 def cmd_distill(args, ranks: Ranks = ONE_PROCESS) -> None:
+    """`fastdiff distill --method pd|guided|sfd`: claim `--out`, load the teacher (and the
+    data, except for the data-free sfd), then `run_distill`."""
     from fastdiff.apps.distill import distill_method, run_distill
     from fastdiff.apps.outdir import DISTILL_FILES
     from fastdiff.engine.data import load_dataset
