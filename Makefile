@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastdiff-installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.summary
+
+# GPU day one: kernel accuracy and speed, PD update and round, NVTX (a dry CPU run without CUDA)
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check --out runs/gpu-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastdiff kernels tests benchmarks
