@@ -17,7 +17,6 @@ write nothing of their own: this module does it for the command line.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import shutil
 from dataclasses import asdict
@@ -51,8 +50,6 @@ def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap
     rank, world_size, wrap_student, device); only rank 0 prints and writes. `data` may be
     None for sfd (data-free)."""
     method = distill_method(args)
-    if getattr(args, "lr", None) is None and method != "sfd":
-        args = argparse.Namespace(**{**vars(args), "lr": PD_LR})
     parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
                 "device": device}
     if method == "guided":
@@ -61,6 +58,12 @@ def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap
         distill_sfd_cli(teacher, args, **parallel)
     else:
         distill_pd_cli(teacher, data, args, **parallel)
+
+
+def _pd_lr(args) -> float:
+    """--lr of pd and of guided stage 2 (None: PD_LR)."""
+    lr = getattr(args, "lr", None)
+    return PD_LR if lr is None else lr
 
 
 def _say(rank: int):
@@ -77,7 +80,7 @@ def distill_pd_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
     out = Path(args.out)
     results = progressive_distill(
         teacher, data, start_steps=args.start_steps, end_steps=args.end_steps,
-        updates=args.updates, batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
+        updates=args.updates, batch_size=args.batch_size, lr=_pd_lr(args), weighting=args.weighting,
         tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
         checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
         seed=args.seed, compile=args.compile, progress=not args.quiet and rank == 0,
@@ -155,7 +158,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     stage1_updates = getattr(args, "stage1_updates", None)
     stage1_updates = args.updates if stage1_updates is None else stage1_updates
     stage1_lr = getattr(args, "stage1_lr", None)
-    stage1_lr = args.lr if stage1_lr is None else stage1_lr
+    stage1_lr = _pd_lr(args) if stage1_lr is None else stage1_lr
     if isinstance(stage1_updates, bool) or not isinstance(stage1_updates, int) \
             or stage1_updates < 1:
         raise ValueError(f"--stage1-updates must be a positive integer, got {stage1_updates}")
@@ -228,8 +231,8 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
                if getattr(args, k, None) is not None}
     results = distill_guided_steps(
         stage1, data, w_min=w_min, w_max=w_max, start_steps=args.start_steps,
-        end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size, lr=args.lr,
-        weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
+        end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size,
+        lr=_pd_lr(args), weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
         checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round,
         **parallel, **options)
     final = results[-1]
