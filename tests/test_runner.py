@@ -169,3 +169,22 @@ def test_a_finished_round_of_another_teacher_is_not_reused(toy, tmp_path):
         progressive_distill(other, data, **kw)
     again = progressive_distill(teacher, data, **kw)     # the same settings: reused
     assert again[0].history.updates_done == 10
+
+
+def test_a_model_that_returns_a_tuple_is_one_clear_error(toy):
+    teacher, data = toy
+
+    class Tupled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z, t, **cond):
+            return (self.inner(z, t, **cond),)
+
+    with pytest.raises(TypeError, match="the teacher returned a tuple, not a tensor"):
+        distill_round(Tupled(teacher), data, teacher_steps=4, updates=2, batch_size=8,
+                      progress=False, student=copy.deepcopy(teacher))
+    with pytest.raises(TypeError, match="the student returned a tuple"):
+        distill_round(teacher, data, teacher_steps=4, updates=2, batch_size=8,
+                      progress=False, student=Tupled(copy.deepcopy(teacher)))

@@ -598,3 +598,23 @@ def as_v_model(
     if not 0.0 < delta < HALF_PI / 2:
         raise ValueError(f"delta must be in (0, π/4), got {delta}")
     return VPredictionWrapper(model, prediction, schedule or CosineSchedule(), delta)
+
+
+def checked_output(model: Callable, role: str = "model") -> Callable:
+    """`model`, raising one clear TypeError/ValueError where its output is not a
+    v-prediction tensor of z's shape (a tuple, a dict, a diffusers output object) instead of
+    failing deep inside a step, loss or kernel. `role` names it in the message."""
+
+    def checked(z, t, **cond):
+        out = model(z, t, **cond)
+        if not torch.is_tensor(out):
+            raise TypeError(
+                f"the {role} returned a {type(out).__name__}, not a tensor: fastdiff needs "
+                f"{role}(z, t, **cond) -> v of z's shape {tuple(z.shape)}; wrap it, e.g. "
+                f"lambda z, t, **c: {role}(z, t, **c)[0]")
+        if out.shape != z.shape:
+            raise ValueError(f"the {role} returned shape {tuple(out.shape)}; fastdiff needs "
+                             f"v of z's shape {tuple(z.shape)}")
+        return out
+
+    return checked

@@ -26,6 +26,7 @@ import torch
 
 from fastdiff.engine import steppers
 from fastdiff.engine.grids import time_grid
+from fastdiff.engine.models import checked_output
 from fastdiff.engine.nvtx import phase
 from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.engine.solvers import dpmpp_sample
@@ -48,26 +49,6 @@ def guidance_inputs(model, cond: dict | None, guidance, batch: int) -> tuple[dic
         cond["w"] = torch.full((batch,), float(guidance))
         return cond, None
     return cond, guidance
-
-
-def _output_checked(model: Callable) -> Callable:
-    """`model`, raising a clear TypeError/ValueError where its output is not a v-prediction
-    tensor of z's shape (a tuple, a dict, a model output object) instead of failing deep
-    inside a step."""
-
-    def checked(z, t, **cond):
-        out = model(z, t, **cond)
-        if not torch.is_tensor(out):
-            raise TypeError(
-                f"the model returned a {type(out).__name__}, not a tensor: sample() needs "
-                f"model(z, t, **cond) -> v of z's shape {tuple(z.shape)}; wrap it, e.g. "
-                "lambda z, t, **c: model(z, t, **c)[0]")
-        if out.shape != z.shape:
-            raise ValueError(f"the model returned shape {tuple(out.shape)}; sample() needs "
-                             f"v of z's shape {tuple(z.shape)}")
-        return out
-
-    return checked
 
 
 def guided_model(model: Callable, cond: dict | None, guidance) -> Callable:
@@ -121,7 +102,7 @@ def sample(model: Callable, noise: torch.Tensor, steps: int, *, sampler: str = "
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     schedule = schedule or getattr(model, "schedule", None) or CosineSchedule()
-    f = guided_model(_output_checked(model), cond, guidance)
+    f = guided_model(checked_output(model), cond, guidance)
     passes = 1 if guidance is None else 2
     with phase("sample"):
         if sampler in ("dpmpp_2m", "dpmpp_3m"):

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdiff.engine.models import add_scalar_condition
+from fastdiff.engine.models import add_scalar_condition, checked_output
 from fastdiff.engine.nvtx import phase
 from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.kernels import ddim_step, distill_loss
@@ -319,6 +319,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             add_scalar_condition(student, "w", scale=w_scale)
+    teacher = checked_output(teacher, "teacher")
 
     examples, labels = dataset.train, dataset.train_labels
     history = GuidanceHistory()
@@ -521,6 +522,7 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
     teacher_module = _unwrap(teacher)
     teacher_module.eval().requires_grad_(False)
     student = copy.deepcopy(teacher_module)
+    teacher = checked_output(teacher, "teacher")
     draw_w = w_sampler(w_min, w_max)
     examples, labels = dataset.train, dataset.train_labels
     held: list = []

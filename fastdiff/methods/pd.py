@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdiff.engine.models import checked_output
 from fastdiff.engine.nvtx import phase
 from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.kernels import ddim_step, distill_loss, fused_pd_loss, pd_target
@@ -284,6 +285,7 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
     use_labels = dataset.num_classes > 0 and getattr(student, "num_classes", 0) > 0
     examples, labels = dataset.train, dataset.train_labels
     held: list = []
+    teacher = checked_output(teacher, "teacher")
 
     def draw(gen, n):
         return draw_batch(examples, labels, steps, n, gen, schedule,
@@ -299,7 +301,7 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
             held.append(HeldOut(teacher, dataset, steps, schedule, size=heldout_size,
                                 seed=seed, weighting=weighting, device=device,
                                 use_labels=use_labels, extra_cond=extra_cond))
-        return held[0].mismatch(model)
+        return held[0].mismatch(checked_output(model, "student"))
 
     settings = {"teacher_steps": teacher_steps, "weighting": weighting,
                 "label_dropout": label_dropout, "heldout_size": heldout_size,

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from fastdiff.engine.grids import sfd_grid
+from fastdiff.engine.models import add_scalar_condition, checked_output
 from fastdiff.engine.nvtx import phase
 from fastdiff.engine.parallel import all_gather_cat
 from fastdiff.engine.schedules import CosineSchedule, Schedule
@@ -436,8 +437,6 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
             raise TypeError("a plain-callable teacher needs an explicit `student` module")
         student = copy.deepcopy(teacher_module)
     if steps_range is not None and STEPS_COND not in getattr(student, "scalar_conds", ()):
-        from fastdiff.engine.models import add_scalar_condition
-
         add_scalar_condition(student, STEPS_COND, scale=1.0 / steps_range[1])
     student.schedule = schedule
     grid_kw = dict(spacing=spacing, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
@@ -451,6 +450,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
             k % checkpoint_every == 0 or k == updates)
 
     history = SFDHistory()
+    teacher = checked_output(teacher, "teacher")
     sfd = _SFDMethod(teacher, student, shape=shape, num_classes=num_classes,
                      label_dropout=label_dropout, student_steps=student_steps,
                      steps_range=steps_range, teacher_substeps=teacher_substeps, solver=solver,

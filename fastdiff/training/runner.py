@@ -44,6 +44,7 @@ from fastdiff.engine.checkpoint import (
     set_rng_state,
     unflatten_state_dict,
 )
+from fastdiff.engine.models import checked_output
 from fastdiff.engine.nvtx import phase
 from fastdiff.training.parts import (
     EMA,
@@ -455,7 +456,8 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
     def measure(model) -> float:
         model.eval()
         with phase("eval"), torch.no_grad():
-            value = float(_mean_over_ranks(torch.tensor(float(method.measure(model)), dtype=torch.float64), world))
+            value = torch.tensor(float(method.measure(model)), dtype=torch.float64)
+            value = float(_mean_over_ranks(value, world))
         student.train()
         return value
 
@@ -469,6 +471,7 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
                 "wrap_student sharded the student's parameters (FSDP): the runner builds its "
                 "optimizer, EMA and rank-0 checkpoints on full local parameters, so use a "
                 "replicating wrapper (fastdiff.engine.parallel.ddp_wrapper)")
+    train_model = checked_output(train_model, "student")
     amp = autocast_for(device, config.autocast)
     history.policy = {"autocast": _autocast_name(device, config.autocast),
                       "compile": config.compile or False,
