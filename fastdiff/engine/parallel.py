@@ -2,11 +2,10 @@
 
 The engine is PyTorch's own: a process group from torchrun's environment (NCCL on CUDA, gloo
 on CPU), the student in DistributedDataParallel, the teacher replicated and frozen (plain
-module: no DDP wrapper, no gradient buckets, it never sees a collective). fastdiff's loops
-do the rest (`fastdiff.methods.pd.distill_round`, `progressive_distill`, `training.train_teacher`,
-`fastdiff.methods.guided.distill_guidance`, `distill_guided_cli` and
-`fastdiff.methods.sfd.distill_sfd` take `rank`, `world_size` and `wrap_student` (`wrap_model`
-in train_teacher)):
+module: no DDP wrapper, no gradient buckets, it never sees a collective). The training
+runner (`fastdiff.training.runner`) does the rest, for every method (`distill_round`,
+`progressive_distill`, `train_teacher`, `distill_guidance`, `distill_stochastic`,
+`distill_sfd` take `rank`, `world_size` and `wrap_student` (`wrap_model` in train_teacher)):
 
 - every update's randomness is drawn for the GLOBAL batch from a hash of (seed, round,
   update) and each rank keeps its slice `[rank·B/K, (rank+1)·B/K)`, so K ranks with global
@@ -24,11 +23,11 @@ in train_teacher)):
   watchdog abort the communicator and tear the process down instead of hanging in a CUDA
   kernel. torchrun then stops the remaining workers; rerunning the same command resumes.
 
-Entry point (same flags as the `fastdiff` CLI, plus `--timeout-s`)::
+Entry point: the `fastdiff` command itself, which detects torchrun's environment::
 
-    torchrun --nproc-per-node=8 -m fastdiff.apps.distributed distill --teacher T --data D --out O
-    torchrun --nproc-per-node=8 -m fastdiff.apps.distributed distill --guided --teacher T ...
-    torchrun --nproc-per-node=8 -m fastdiff.apps.distributed train-teacher --data D --out T
+    torchrun --nproc-per-node=8 -m fastdiff distill --teacher T --data D --out O
+    torchrun --nproc-per-node=8 -m fastdiff distill --method guided --teacher T ...
+    torchrun --nproc-per-node=8 -m fastdiff train-teacher --data D --out T
 """
 
 from __future__ import annotations

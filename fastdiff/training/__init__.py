@@ -7,12 +7,10 @@ from fastdiff.training.parts import (
     _unwrap,
     autocast_for,
     check_global_batch,
-    flush_losses,
     linear_lr,
     make_optimizer,
     maybe_compile,
     model_device,
-    optimizer_update,
 )
 from fastdiff.training.runner import (
     History,
@@ -27,6 +25,6 @@ from fastdiff.training.runner import (
 from fastdiff.training.teacher import train_teacher
 
 __all__ = ["EMA", "LOG_EVERY", "Progress", "_unwrap", "autocast_for", "check_global_batch",
-           "flush_losses", "linear_lr", "make_optimizer", "maybe_compile", "model_device",
-           "optimizer_update", "History", "Method", "NonFiniteError", "RunConfig", "RunResult",
+           "linear_lr", "make_optimizer", "maybe_compile", "model_device",
+           "History", "Method", "NonFiniteError", "RunConfig", "RunResult",
            "fingerprint_tensors", "run", "update_generator", "train_teacher"]

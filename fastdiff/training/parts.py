@@ -11,8 +11,6 @@ import time
 import torch
 from torch import nn
 
-from fastdiff.engine.nvtx import phase
-
 
 class EMA:
     """Exponential moving average of a model's parameters (buffers copied as they are).
@@ -52,23 +50,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def optimizer_update(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer,
-                     ema: EMA | None, grad_clip: float | None) -> None:
-    """One update from a loss: backward, gradient-norm clipping, optimizer step, EMA.
-
-    `model` is the plain module (not a compile/DDP wrapper), so clipping and the EMA see the
-    gradients after any all-reduce. Each part is an NVTX phase.
-    """
-    with phase("backward"):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    with phase("optimizer_step"):
-        opt.step()
-    if ema is not None:
-        with phase("ema"):
-            ema.update(model)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -152,19 +133,6 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
                          f"({world_size}): it is the global batch")
 
 
-def flush_losses(pending: list, into: list, world_size: int = 1) -> None:
-    """Move pending per-update losses (device scalars, averaged over ranks) into `into` as
-    floats. Training loops collect `loss.detach()` and call this every LOG_EVERY updates, so
-    that reading losses back does not sync a GPU every update."""
-    if not pending:
-        return
-    losses = torch.stack(pending).float()
-    if world_size > 1:
-        from fastdiff.engine.parallel import all_reduce_mean
-
-        losses = all_reduce_mean(losses)
-    into.extend(losses.tolist())
-    pending.clear()
 
 
 
