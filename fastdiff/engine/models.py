@@ -56,6 +56,7 @@ __all__ = [
     "add_scalar_condition",
     "as_v_model",
     "build_model",
+    "register_model_kind",
     "default_model_for",
     "fourier_features",
 ]
@@ -471,14 +472,33 @@ class MLP(_Conditioned):
 MODEL_KINDS = {"unet": UNet, "mlp": MLP}
 
 
+def register_model_kind(kind: str, builder: Callable[..., nn.Module]) -> None:
+    """Let `build_model` (and so `fastdiff.load`) rebuild models of another `kind`.
+
+    `builder(**config_without_kind) -> nn.Module` rebuilds the model from its `.config`;
+    a model's own layer registers it where it is defined (fastdiff.integrations.diffusers
+    registers "diffusers" when it is imported, which `import fastdiff` does), so the
+    engine never imports a higher layer. Registering a kind again with another builder
+    raises ValueError.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"model kind must be a non-empty string, got {kind!r}")
+    if MODEL_KINDS.get(kind, builder) is not builder:
+        raise ValueError(f"model kind {kind!r} is already registered")
+    MODEL_KINDS[kind] = builder
+
+
 def build_model(config: Mapping) -> nn.Module:
-    """Rebuild a model from its `.config` ({"kind": "unet" | "mlp", **constructor kwargs})."""
+    """Rebuild a model from its `.config` ({"kind": "unet" | "mlp" | a registered kind,
+    **constructor kwargs}; see `register_model_kind`)."""
     if not isinstance(config, Mapping) or "kind" not in config:
         raise ValueError(f"model config must be a dict with a 'kind' key, got {config!r}")
     config = dict(config)
     kind = config.pop("kind")
     if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}"
+                         + (" (import fastdiff.integrations.diffusers, which registers it)"
+                            if kind == "diffusers" else ""))
     try:
         return MODEL_KINDS[kind](**config)
     except TypeError as e:  # an unknown / misspelt constructor argument
@@ -492,7 +512,16 @@ def add_scalar_condition(model: nn.Module, name: str, *, scale: float = 1.0) -> 
     are bit-for-bit unchanged (for any value of the new condition) until it trains. The
     condition is recorded in `model.config["scalar_conds"]` (with `scale`), so a saved
     checkpoint rebuilds it. `scale` multiplies the value before the Fourier features.
+
+    A model of another family may implement the same contract itself as a method
+    `model.add_scalar_condition(name, *, scale)` (outputs unchanged until trained, `name`
+    listed in `model.scalar_conds` afterwards, rebuilt by its saved config); it is called
+    instead (a diffusers UNet gains `w` through its guidance embedding that way).
     """
+    own = getattr(model, "add_scalar_condition", None)
+    if callable(own):
+        own(name, scale=scale)
+        return model
     cond = getattr(model, "cond", None)
     if not isinstance(cond, CondEmbedding):
         raise TypeError(

@@ -104,6 +104,15 @@ class LinearLogSNRSchedule(Schedule):
 SCHEDULES = {"cosine": CosineSchedule, "linear_logsnr": LinearLogSNRSchedule}
 
 
+def register_schedule(name: str, cls) -> None:
+    """Let `schedule_from_config` rebuild schedules whose `.config["name"]` is `name`
+    (`cls(**config_without_name)`); registered by the layer that defines the schedule
+    (fastdiff.integrations.diffusers registers "diffusers")."""
+    if SCHEDULES.get(name, cls) is not cls:
+        raise ValueError(f"schedule {name!r} is already registered")
+    SCHEDULES[name] = cls
+
+
 def schedule_from_config(config: dict | None) -> Schedule:
     """Rebuild a schedule from its `.config` (None gives the default cosine schedule)."""
     if config is None:

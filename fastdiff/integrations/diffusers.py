@@ -62,14 +62,17 @@ import torch
 from torch import nn
 
 from fastdiff.engine.checkpoint import CheckpointError, atomic_dir
-from fastdiff.engine.schedules import Schedule, _as_tensor, to_v
+from fastdiff.engine.models import register_model_kind
+from fastdiff.engine.schedules import Schedule, _as_tensor, register_schedule, to_v
 
 __all__ = [
     "DiffusersFolderError",
     "DiffusersSchedule",
     "DiffusersTeacher",
     "export_diffusers",
+    "export_scheduler",
     "from_diffusers",
+    "guidance_embedding",
     "load_diffusers_teacher",
 ]
 
@@ -82,6 +85,9 @@ CONVERSION_DELTA = 1e-4  # rad: the conversion angle is clamped into [δ, π/2 �
 FASTDIFF_JSON = "fastdiff.json"
 FORMAT = "fastdiff.diffusers-export"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+MODEL_KIND = "diffusers"          # fastdiff.save's config kind (engine.models.build_model)
+GUIDANCE_COND = "w"               # the scalar condition a UNet gets through time_cond_proj_dim
+GUIDANCE_EMBED_DIM = 256          # time_cond_proj_dim given to a UNet that gains w (as LCM)
 
 
 class DiffusersFolderError(CheckpointError):
@@ -217,6 +223,28 @@ def _scheduler_and_config(scheduler_or_config, where: str):
     return torch.as_tensor(ac).to(torch.float64), final, config
 
 
+# --- the guidance-weight embedding ---------------------------------------------------------
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The embedding of the guidance weight w that a UNet with `time_cond_proj_dim = dim`
+    receives as `timestep_cond`: float32 (B, dim) from w float (B,).
+
+    This is diffusers' own guidance-scale embedding, computed by its StableDiffusionPipeline
+    from `guidance_scale − 1` (LCM students use it), so a student distilled with w here runs
+    in a stock pipeline at `guidance_scale = 1 + w`: with u = 1000 w and half = dim // 2,
+    `[sin(u ω_k), cos(u ω_k)]`, ω_k = exp(−k log(10000) / (half − 1)), k < half, float32,
+    zero-padded to an odd dim.
+    """
+    w = torch.as_tensor(w).reshape(-1).to(torch.float32) * 1000.0
+    half = dim // 2
+    freq = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -freq).to(w.device)
+    arg = w[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 # --- the teacher / student wrapper -----------------------------------------------------------
 
 
@@ -226,18 +254,32 @@ class DiffusersTeacher(nn.Module):
     z: float (B, C, H, W); t: float (B,) or 0-d in [0, 1]; returns v̂ of z's shape and dtype.
     Attributes: `unet` (the trainable diffusers module), `schedule` (DiffusersSchedule),
     `prediction_type` (diffusers name of what `unet` outputs), `null_class`, `num_classes`,
-    `scheduler_config` (the source scheduler's config, used by `export_diffusers`).
-    `copy.deepcopy` gives an independent, trainable copy (how fastdiff's PD makes students).
+    `scheduler_config` (the source scheduler's config, used by `export_diffusers`),
+    `source` (the pipeline folder it came from: `export_pipeline` copies its VAE, text
+    encoder and tokenizer). `copy.deepcopy` gives an independent, trainable copy (how
+    fastdiff's methods make students).
+
+    Conditions (keywords of `forward`): `y` (class labels, see the module doc);
+    `encoder_hidden_states` float (B, L, D) (or (1, L, D), broadcast) for a
+    UNet2DConditionModel, D = its cross_attention_dim; `w` float (B,) (0-d / number
+    broadcast; absent = 0), the guidance weight, once the UNet has a guidance embedding
+    (`add_scalar_condition("w")`, or a UNet with `time_cond_proj_dim` already): it enters as
+    `timestep_cond = guidance_embedding(w, time_cond_proj_dim)`, exactly as diffusers'
+    StableDiffusionPipeline feeds `guidance_scale − 1`. Other keywords go to the UNet.
+
+    `config` ({"kind": "diffusers", ...}) lets `fastdiff.save` / `fastdiff.load` rebuild it
+    (this module registers the kind with `fastdiff.engine.models.register_model_kind`).
     """
 
     def __init__(self, unet: nn.Module, schedule: DiffusersSchedule, *, prediction_type: str,
                  null_class: int | None = None, encoder_hidden_states=None,
-                 scheduler_config: dict | None = None):
+                 scheduler_config: dict | None = None, source: str | None = None):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = _prediction_name(prediction_type, "DiffusersTeacher")
         self.scheduler_config = dict(scheduler_config or {})
+        self.source = None if source is None else str(source)
         cfg = getattr(unet, "config", {}) or {}
         n_embeds = cfg.get("num_class_embeds") if cfg.get("class_embed_type") is None else None
         self.num_class_embeds = int(n_embeds or 0)
@@ -254,13 +296,96 @@ class DiffusersTeacher(nn.Module):
         if encoder_hidden_states is not None:
             ehs = torch.as_tensor(encoder_hidden_states)
             self.register_buffer("default_encoder_hidden_states",
-                                 ehs if ehs.ndim == 3 else ehs[None], persistent=False)
+                                 ehs if ehs.ndim == 3 else ehs[None])
         else:
             self.default_encoder_hidden_states = None
 
     @property
     def is_conditional_unet(self) -> bool:
         return type(self.unet).__name__ == "UNet2DConditionModel"
+
+    @property
+    def guidance_dim(self) -> int | None:
+        """The UNet's `time_cond_proj_dim` (the guidance embedding's size), or None."""
+        cfg = getattr(self.unet, "config", {}) or {}
+        dim = cfg.get("time_cond_proj_dim") if self.is_conditional_unet else None
+        return None if dim is None else int(dim)
+
+    @property
+    def scalar_conds(self) -> tuple[str, ...]:
+        """("w",) when the UNet has a guidance embedding (time_cond_proj_dim), else ()."""
+        return (GUIDANCE_COND,) if self.guidance_dim is not None else ()
+
+    def add_scalar_condition(self, name: str, *, scale: float = 1.0,
+                             dim: int = GUIDANCE_EMBED_DIM) -> DiffusersTeacher:
+        """Give the UNet the guidance weight `w` IN PLACE (the hook
+        `fastdiff.engine.models.add_scalar_condition` calls; guided stage 1 uses it).
+
+        A UNet2DConditionModel gains diffusers' own guidance input: `time_cond_proj_dim = dim`
+        in its config and `time_embedding.cond_proj`, a bias-free Linear(dim, C) with zero
+        weights, so the outputs are bit-for-bit unchanged for every w until it trains, and
+        the exported UNet is what StableDiffusionPipeline feeds `guidance_scale − 1`. Only
+        `name="w"` with `scale=1` (the pipeline's embedding has its own fixed scale).
+        """
+        if name != GUIDANCE_COND:
+            raise ValueError(f"a diffusers UNet takes one scalar condition, the guidance weight "
+                             f"{GUIDANCE_COND!r} (through time_cond_proj_dim); got {name!r}")
+        if float(scale) != 1.0:
+            raise ValueError(f"w_scale must be 1 for a diffusers UNet (diffusers embeds "
+                             f"guidance_scale − 1 with its own fixed scale), got {scale}")
+        if not self.is_conditional_unet:
+            raise ValueError("the guidance weight w enters a diffusers UNet through "
+                             "time_cond_proj_dim, which only UNet2DConditionModel has; got "
+                             f"{type(self.unet).__name__}")
+        if self.guidance_dim is not None:
+            raise ValueError(f"the UNet already has a guidance embedding "
+                             f"(time_cond_proj_dim={self.guidance_dim})")
+        emb = self.unet.time_embedding
+        ref = emb.linear_1.weight
+        proj = nn.Linear(int(dim), emb.linear_1.in_features, bias=False)
+        nn.init.zeros_(proj.weight)
+        emb.cond_proj = proj.to(device=ref.device, dtype=ref.dtype)
+        self.unet.register_to_config(time_cond_proj_dim=int(dim))
+        return self
+
+    def enable_gradient_checkpointing(self) -> DiffusersTeacher:
+        """diffusers' own gradient checkpointing of the UNet (recompute activations in the
+        backward pass: less memory, about one more forward per update). Only a module that
+        gets gradients pays for it: a frozen teacher under no_grad runs as before, and the
+        students copied from it (`copy.deepcopy`) inherit it."""
+        self.unet.enable_gradient_checkpointing()
+        return self
+
+    @property
+    def config(self) -> dict:
+        """JSON-able {"kind": "diffusers", ...}: what `fastdiff.load` rebuilds this from
+        (the UNet's class and config, the scheduler config, prediction type, null class,
+        source folder, the fixed encoder_hidden_states' shape); the weights (and a guidance
+        embedding's `cond_proj`) are in the state dict."""
+        unet_config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        ehs = self.default_encoder_hidden_states
+        return {"kind": MODEL_KIND, "unet_class": type(self.unet).__name__,
+                "unet_config": json.loads(json.dumps(unet_config, default=list)),
+                "scheduler_config": json.loads(json.dumps(self.scheduler_config, default=list)),
+                "prediction_type": self.prediction_type, "null_class": self.null_class,
+                "source": self.source,
+                "encoder_hidden_states_shape": None if ehs is None else list(ehs.shape)}
+
+    @property
+    def example_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent / image the UNet takes (from its config)."""
+        cfg = self.unet.config
+        size = cfg.get("sample_size")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(cfg["in_channels"]), int(h), int(w))
+
+    def _check_text(self, ehs: torch.Tensor, batch: int) -> None:
+        dim = self.unet.config.get("cross_attention_dim")
+        if ehs.ndim != 3 or ehs.shape[0] not in (1, batch) or (
+                isinstance(dim, int) and ehs.shape[-1] != dim):
+            want = f"(B={batch} or 1, L, {dim if isinstance(dim, int) else 'D'})"
+            raise ValueError(f"encoder_hidden_states has shape {tuple(ehs.shape)}; this "
+                             f"UNet2DConditionModel needs {want} (cross_attention_dim {dim})")
 
     def _class_labels(self, y, batch: int, device):
         if not self.num_class_embeds:
@@ -291,16 +416,27 @@ class DiffusersTeacher(nn.Module):
         k = self.schedule.timestep(t)
         phi = self.schedule.phi(t)
         kwargs = dict(cond)
+        dtype = getattr(self.unet, "dtype", z.dtype)
+        w = kwargs.pop(GUIDANCE_COND, None)
+        if self.guidance_dim is not None:
+            w = torch.zeros(batch, device=z.device) if w is None else \
+                torch.as_tensor(w, device=z.device).reshape(-1).expand(batch)
+            kwargs["timestep_cond"] = guidance_embedding(w, self.guidance_dim).to(dtype)
+        elif w is not None:
+            raise TypeError("unexpected conditioning keyword 'w': this UNet has no guidance "
+                            "embedding (add_scalar_condition('w'), as guided stage 1 does)")
         labels = self._class_labels(y, batch, z.device)
         if labels is not None:
             kwargs["class_labels"] = labels
-        if self.is_conditional_unet and kwargs.get("encoder_hidden_states") is None:
-            ehs = self.default_encoder_hidden_states
+        if self.is_conditional_unet:
+            ehs = kwargs.get("encoder_hidden_states")
             if ehs is None:
-                raise ValueError("UNet2DConditionModel needs encoder_hidden_states: pass it as a "
-                                 "keyword, or give a fixed one to from_diffusers")
-            kwargs["encoder_hidden_states"] = ehs.expand(batch, *ehs.shape[1:])
-        dtype = getattr(self.unet, "dtype", z.dtype)
+                ehs = self.default_encoder_hidden_states
+                if ehs is None:
+                    raise ValueError("UNet2DConditionModel needs encoder_hidden_states: pass "
+                                     "it as a keyword, or give a fixed one to from_diffusers")
+            self._check_text(ehs, batch)
+            kwargs["encoder_hidden_states"] = ehs.expand(batch, *ehs.shape[1:]).to(dtype)
         out = self.unet(z.to(dtype), k.to(torch.float32), return_dict=False, **kwargs)[0]
         kind = PREDICTION_KINDS[self.prediction_type]
         if kind == "v":
@@ -326,15 +462,17 @@ class DiffusersTeacher(nn.Module):
 
 
 def from_diffusers(unet, scheduler_or_config, *, prediction_type: str | None = None,
-                   null_class: int | None = None,
-                   encoder_hidden_states=None) -> DiffusersTeacher:
+                   null_class: int | None = None, encoder_hidden_states=None,
+                   source=None) -> DiffusersTeacher:
     """Wrap a diffusers UNet + its scheduler as a fastdiff teacher (see the module doc).
 
     unet: `UNet2DModel` or `UNet2DConditionModel`; scheduler_or_config: a discrete scheduler
     (DDPMScheduler, DDIMScheduler, …, anything with `alphas_cumprod`) or its config dict;
     prediction_type: "epsilon", "sample" or "v_prediction" (default: the scheduler's);
     null_class: the class-embedding row that means "no label" (y = −1); encoder_hidden_states:
-    a fixed text embedding (L, D) or (1, L, D) for a UNet2DConditionModel.
+    a fixed text embedding (L, D) or (1, L, D) for a UNet2DConditionModel, used when a call
+    passes none; source: the pipeline folder (its vae/, text_encoder/, tokenizer/ are copied
+    by `export_pipeline`).
     """
     _diffusers()
     if not isinstance(unet, nn.Module) or type(unet).__name__ not in UNET_CLASSES:
@@ -346,7 +484,27 @@ def from_diffusers(unet, scheduler_or_config, *, prediction_type: str | None = N
     config["prediction_type"] = prediction_type
     return DiffusersTeacher(unet, DiffusersSchedule(ac, final), prediction_type=prediction_type,
                             null_class=null_class, encoder_hidden_states=encoder_hidden_states,
-                            scheduler_config=config)
+                            scheduler_config=config, source=source)
+
+
+def _build_model(*, unet_class: str, unet_config: dict, scheduler_config: dict,
+                 prediction_type: str, null_class=None, source=None,
+                 encoder_hidden_states_shape=None) -> DiffusersTeacher:
+    """Rebuild a DiffusersTeacher from its `.config` (weights are loaded afterwards)."""
+    diffusers = _diffusers()
+    if unet_class not in UNET_CLASSES:
+        raise ValueError(f"unet_class must be one of {UNET_CLASSES}, got {unet_class!r}")
+    unet = getattr(diffusers, unet_class).from_config(unet_config)
+    ac, final, config = _scheduler_and_config(scheduler_config, "the diffusers model config")
+    ehs = None if encoder_hidden_states_shape is None else \
+        torch.zeros(encoder_hidden_states_shape)
+    return DiffusersTeacher(unet, DiffusersSchedule(ac, final), prediction_type=prediction_type,
+                            null_class=null_class, encoder_hidden_states=ehs,
+                            scheduler_config=config, source=source)
+
+
+register_model_kind(MODEL_KIND, _build_model)
+register_schedule(DiffusersSchedule.name, DiffusersSchedule)
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -519,9 +677,13 @@ def load_diffusers_teacher(folder, scheduler_folder=None, *, prediction_type: st
         sched_dir = root / "scheduler"
     else:
         sched_dir = root
-    if not (unet_dir / "config.json").is_file() and unet_dir == root \
-            and (root / "model_index.json").is_file():
-        raise DiffusersFolderError(f"{root}: pipeline folder without a unet/ subfolder")
+    if (root / "model_index.json").is_file():
+        _read_json(root / "model_index.json", "the pipeline index")
+        if unet_dir == root:
+            raise DiffusersFolderError(f"{root}: pipeline folder without a unet/ subfolder")
+        if scheduler_folder is None and not (root / "scheduler").is_dir():
+            raise DiffusersFolderError(f"{root}: pipeline folder without a scheduler/ "
+                                       "subfolder")
     meta = {}
     if (root / FASTDIFF_JSON).is_file():
         meta = _read_json(root / FASTDIFF_JSON, "fastdiff export metadata")
@@ -545,6 +707,7 @@ def load_diffusers_teacher(folder, scheduler_folder=None, *, prediction_type: st
     try:
         return from_diffusers(unet, {**config, "_class_name": config.get("_class_name")},
                               prediction_type=prediction_type, null_class=null_class,
-                              encoder_hidden_states=encoder_hidden_states)
+                              encoder_hidden_states=encoder_hidden_states,
+                              source=str(root.resolve()) if unet_dir != root else None)
     except ValueError as e:
         raise DiffusersFolderError(f"{root}: {e}") from e
