@@ -61,6 +61,13 @@ class Dataset:
 
     Attributes: `name`, `train`, `held_out` (tensors `(N, ...)`, float32), `train_labels`,
     `held_out_labels` (int64 `(N,)` or None), `num_classes` (0 when unlabelled), `seed`.
+
+    Per-example condition tensors (e.g. text embeddings for a diffusers UNet):
+    `train_conds` / `held_out_conds` map a model keyword to a float32 tensor `(N, ...)` of
+    that split (`{"encoder_hidden_states": (N, L, D)}`), passed to the model as
+    `model(z, t, encoder_hidden_states=...)`; `null_conds` maps the same keywords to one
+    example's null condition `(...)` (classifier-free guidance's unconditional input, e.g.
+    the empty / negative prompt's embedding; zeros when not given). All `{}` without them.
     """
 
     def __init__(
@@ -74,6 +81,9 @@ class Dataset:
         num_classes: int | None = None,
         seed: int = 0,
         true_sampler: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+        conds: dict | None = None,
+        held_out_conds: dict | None = None,
+        null_conds: dict | None = None,
     ):
         train = _as_examples(train, "train")
         held_out = _as_examples(held_out, "held_out")
@@ -102,6 +112,13 @@ class Dataset:
         self.num_classes = int(num_classes or 0) if train_labels is not None else 0
         self.seed = int(seed)
         self._true_sampler = true_sampler
+        self.train_conds, self.held_out_conds, self.null_conds = _check_conds(
+            conds, held_out_conds, null_conds, len(train), len(held_out))
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether the examples carry condition tensors (`train_conds`)."""
+        return bool(self.train_conds)
 
     # basic facts
     @property
@@ -183,6 +200,40 @@ class Dataset:
         return self._true_sampler(int(n), generator)
 
 
+def _check_conds(conds, held_out_conds, null_conds, n_train: int, n_held: int):
+    """(train, held-out, null) condition dicts, checked: float32 tensors, one row per
+    example of their split, the same keywords and per-example shapes; null rows default
+    to zeros."""
+    conds, held = dict(conds or {}), dict(held_out_conds or {})
+    nulls = dict(null_conds or {})
+    if set(conds) != set(held):
+        raise DataError(f"condition tensors must be given for both splits under the same "
+                        f"names; train has {sorted(conds)}, held_out {sorted(held)}")
+    if set(nulls) - set(conds):
+        raise DataError(f"null conditions {sorted(set(nulls) - set(conds))} have no "
+                        f"per-example condition tensors")
+    out = ({}, {}, {})
+    for name in conds:
+        tr = torch.as_tensor(conds[name])
+        ho = torch.as_tensor(held[name])
+        for what, t, n in (("train", tr, n_train), ("held_out", ho, n_held)):
+            if not t.is_floating_point() or t.ndim < 1 or len(t) != n:
+                raise DataError(f"condition {name!r} ({what}) must be a float tensor with one "
+                                f"row per example ({n}), got {tuple(t.shape)} {t.dtype}")
+        if tr.shape[1:] != ho.shape[1:]:
+            raise DataError(f"condition {name!r} has per-example shape {tuple(tr.shape[1:])} "
+                            f"in train but {tuple(ho.shape[1:])} in held_out")
+        null = torch.as_tensor(nulls[name]) if name in nulls else torch.zeros(tr.shape[1:])
+        if tuple(null.shape) != tuple(tr.shape[1:]) or not null.is_floating_point():
+            raise DataError(f"null condition {name!r} must be one example's float tensor of "
+                            f"shape {tuple(tr.shape[1:])}, got {tuple(null.shape)}")
+        for d, t in zip(out, (tr, ho, null)):
+            d[name] = t.detach().to(torch.float32).contiguous()
+        if not all(bool(torch.isfinite(d[name]).all()) for d in out):
+            raise DataError(f"condition {name!r} contains NaN or Inf")
+    return out
+
+
 def _to(t: torch.Tensor, device) -> torch.Tensor:
     return t if device is None else t.to(device, non_blocking=True)
 
@@ -237,12 +288,22 @@ def from_tensors(
     held_out: float | int = 0.1,
     seed: int = 0,
     num_classes: int | None = None,
+    conds: dict | None = None,
+    null_conds: dict | None = None,
 ) -> Dataset:
-    """A `Dataset` from examples `(N, ...)` and optional labels, split by a seeded shuffle."""
+    """A `Dataset` from examples `(N, ...)` and optional labels, split by a seeded shuffle.
+
+    conds: optional per-example condition tensors {keyword: (N, ...)}, split alike;
+    null_conds: {keyword: (...)} their null values (see `Dataset`)."""
     x = _as_examples(x, "examples")
     if y is not None:
         y = _as_labels(y, len(x), "labels")
     tr, ho = _split_indices(len(x), held_out, seed)
+    conds = {k: torch.as_tensor(v) for k, v in (conds or {}).items()}
+    for k, v in conds.items():
+        if v.ndim < 1 or len(v) != len(x):
+            raise DataError(f"condition {k!r} has {len(v) if v.ndim else 0} rows for "
+                            f"{len(x)} examples")
     return Dataset(
         name,
         x[tr],
@@ -251,6 +312,9 @@ def from_tensors(
         None if y is None else y[ho],
         num_classes=num_classes,
         seed=seed,
+        conds={k: v[tr] for k, v in conds.items()},
+        held_out_conds={k: v[ho] for k, v in conds.items()},
+        null_conds=null_conds,
     )
 
 
@@ -367,7 +431,11 @@ def load_path(
     read as greyscale when all are greyscale, else RGB, and scaled from [0, 255] to [-1, 1].
 
     `.npy`: an array of examples. `.npz`: examples under `x` (or `images`, `data`, or the
-    only array) and optional labels under `y` (or `labels`, `targets`). Integer (uint8)
+    only array) and optional labels under `y` (or `labels`, `targets`); or, for a
+    text-conditional latent model (`LATENT_NPZ_KEYS`), `latents` float (N, C, H, W)
+    (already × the VAE's scaling_factor), `prompt_embeds` float (N, L, D) and optional
+    `negative_prompt_embeds` (L, D) (zeros if absent), read as examples = latents with the
+    condition `encoder_hidden_states` and its null (see `Dataset`). Integer (uint8)
     images are scaled from [0, 255] to [-1, 1]; float arrays are taken as they are. Image
     arrays may be `(N, H, W)`, `(N, C, H, W)` or channels-last `(N, H, W, C)` with C ≤ 4.
     """
@@ -385,6 +453,12 @@ def load_path(
             num_classes=None if classes is None else len(classes),
         )
     suffix = p.suffix.lower()
+    if suffix == ".npz":
+        text = _read_latents_npz(p)
+        if text is not None:
+            x, conds, nulls = text
+            return from_tensors(x, name=str(p), held_out=held_out, seed=seed, conds=conds,
+                                null_conds=nulls)
     if suffix in (".npy", ".npz"):
         x, y = _read_array_file(p)
         return from_tensors(x, y, name=str(p), held_out=held_out, seed=seed)
@@ -441,6 +515,53 @@ def _read_image_folder(folder: Path):
 
 def _rgb(a: np.ndarray) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
+
+
+LATENT_NPZ_KEYS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+TEXT_COND = "encoder_hidden_states"   # the model keyword prompt embeddings are passed as
+
+
+def _read_latents_npz(p: Path):
+    """(latents, {TEXT_COND: prompt_embeds}, {TEXT_COND: negative}) of a text-conditional
+    .npz, None for another .npz; one DataError naming the file for a mismatched one."""
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{p}: cannot read array file ({type(e).__name__}: {e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return None
+    with loaded:
+        keys = set(loaded.files)
+        if not keys & {"latents", "prompt_embeds"}:
+            return None
+        want = ("needs latents (N, C, H, W), prompt_embeds (N, L, D) and optionally "
+                "negative_prompt_embeds (L, D), float")
+        missing = [k for k in ("latents", "prompt_embeds") if k not in keys]
+        if missing:
+            raise DataError(f"{p}: a text-conditional .npz {want}; {', '.join(missing)} "
+                            f"missing (found {sorted(keys)})")
+        lat, emb = loaded["latents"], loaded["prompt_embeds"]
+        neg = loaded["negative_prompt_embeds"] if "negative_prompt_embeds" in keys else None
+    problems = []
+    for k, a, nd in (("latents", lat, 4), ("prompt_embeds", emb, 3),
+                     ("negative_prompt_embeds", neg, 2)):
+        if a is not None and (a.ndim != nd or not np.issubdtype(a.dtype, np.floating)):
+            problems.append(f"{k} has shape {a.shape} and dtype {a.dtype}")
+    if not problems and len(lat) != len(emb):
+        problems.append(f"{len(lat)} latents but {len(emb)} prompt_embeds")
+    if not problems and len(lat) < 2:
+        problems.append(f"only {len(lat)} example(s); at least 2 (train and held-out)")
+    if not problems and neg is not None and neg.shape != emb.shape[1:]:
+        problems.append(f"negative_prompt_embeds has shape {neg.shape}, prompt_embeds rows "
+                        f"{emb.shape[1:]}")
+    if not problems and not all(np.isfinite(a).all() for a in (lat, emb) + (
+            (neg,) if neg is not None else ())):
+        problems.append("NaN or Inf in the arrays")
+    if problems:
+        raise DataError(f"{p}: a text-conditional .npz {want}; " + "; ".join(problems))
+    null = np.zeros(emb.shape[1:], np.float32) if neg is None else neg
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return as_t(lat), {TEXT_COND: as_t(emb)}, {TEXT_COND: as_t(null)}
 
 
 def _read_array_file(p: Path):

@@ -102,46 +102,67 @@ def w_sampler(w_min: float, w_max: float):
 
 
 def _needs_labels(teacher, dataset) -> None:
+    """Guidance needs a condition with a null: class labels (null −1) for a class-conditional
+    teacher, or per-example condition tensors with their null (`Dataset.null_conds`, e.g.
+    text embeddings and the empty / negative prompt's embedding)."""
+    if dataset.conditioned:
+        return
     if dataset.num_classes == 0 or dataset.train_labels is None:
         raise ValueError("guided distillation needs class-labelled data (the guidance is "
-                         "over the class label); got an unlabelled data set")
+                         "over the class label) or per-example condition tensors (e.g. "
+                         "prompt embeddings); got an unconditional data set")
     if getattr(_unwrap(teacher), "num_classes", 0) == 0:
         raise ValueError("guided distillation needs a class-conditional teacher trained with "
                          "label dropout (num_classes > 0, null label -1)")
 
 
 @torch.no_grad()
-def teacher_cond_uncond(teacher, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                        autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_cond_uncond(teacher, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                        autocast=None, *, cond: dict | None = None,
+                        null: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's v̂(z, c) and v̂(z, ∅), as one batch of 2B (no gradient).
 
-    z: (B, ...) float; t: (B,) float in [0, 1]; y: (B,) int64 labels. Returns two tensors of
-    z's shape and dtype.
+    z: (B, ...) float; t: (B,) float in [0, 1]; y: (B,) int64 labels (null −1) or None;
+    cond / null: further condition tensors {keyword: (B, ...)} of the conditional branch
+    and their null values (e.g. `encoder_hidden_states` and the negative prompt's
+    embedding). Returns two tensors of z's shape and dtype.
     """
     import contextlib
 
-    both_y = torch.cat([y, torch.full_like(y, -1)])
+    both = {k: torch.cat([v, null[k]]) for k, v in (cond or {}).items()}
+    if y is not None:
+        both["y"] = torch.cat([y, torch.full_like(y, -1)])
     with phase("teacher_forward"), (autocast or contextlib.nullcontext()):
-        out = teacher(torch.cat([z, z]), torch.cat([t, t]).float(), y=both_y)
+        out = teacher(torch.cat([z, z]), torch.cat([t, t]).float(), **both)
     v_c, v_u = out.to(z.dtype).chunk(2)
     return v_c, v_u
 
 
 @dataclass
 class _Draw:
-    """One stage-1 batch: z_t (B, ...), t (B,) float64, y (B,) int64, w (B,) float32."""
+    """One stage-1 batch: z_t (B, ...), t (B,) float64, y (B,) int64 or None, w (B,) float32;
+    cond / null: condition tensors {keyword: (B, ...)} and their null values (or {})."""
 
     z_t: torch.Tensor
     t: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | None
     w: torch.Tensor
+    cond: dict = field(default_factory=dict)
+    null: dict = field(default_factory=dict)
+
+    @property
+    def student_cond(self) -> dict:
+        return {**self.cond, **({"y": self.y} if self.y is not None else {})}
 
 
 def _draw_stage1(examples, labels, batch: int, gen: torch.Generator, schedule: Schedule,
-                 w_min: float, w_max: float, *, label_dropout: float, device=None) -> _Draw:
+                 w_min: float, w_max: float, *, label_dropout: float, device=None,
+                 conds=None, null_conds=None) -> _Draw:
     """All of one update's randomness for the global `batch` from `gen` (a pure function of
     seed, stage and update index). The runner keeps each rank's slice of it, so K ranks
-    see what one process sees."""
+    see what one process sees. labels may be None when `conds` (per-example condition
+    tensors {keyword: (N, ...)}, with `null_conds` {keyword: (...)}) carry the condition;
+    a dropped example gets the null label −1 or the null condition."""
     n = examples.shape[0]
     idx = torch.randint(0, n, (batch,), generator=gen)
     t = torch.rand(batch, generator=gen, dtype=torch.float64)
@@ -149,11 +170,28 @@ def _draw_stage1(examples, labels, batch: int, gen: torch.Generator, schedule: S
     w = w_min + (w_max - w_min) * torch.rand(batch, generator=gen)
     drop = torch.rand(batch, generator=gen) < label_dropout
     x = examples[idx].to(device)
-    y = torch.where(drop, torch.full_like(labels[idx], -1), labels[idx]).to(device)
+    y = None if labels is None else \
+        torch.where(drop, torch.full_like(labels[idx], -1), labels[idx]).to(device)
+    cond, null = {}, {}
+    for k, v in (conds or {}).items():
+        c = v[idx]
+        nk = null_conds[k].to(c.dtype).expand_as(c)
+        cond[k] = torch.where(per_sample(~drop, c).bool(), c, nk).to(device)
+        null[k] = nk.to(device)
     t = t.to(device)
     z_t = per_sample(schedule.alpha(t), x) * x + per_sample(schedule.sigma(t), x) * \
         eps.to(device=device, dtype=x.dtype)
-    return _Draw(z_t=z_t, t=t, y=y, w=w.to(device))
+    return _Draw(z_t=z_t, t=t, y=y, w=w.to(device), cond=cond, null=null)
+
+
+def _split_conds(dataset, which: str):
+    """(labels, conds, nulls) of a split for guidance: condition tensors when the data set
+    has them (labels then unused), else the class labels."""
+    if dataset.conditioned:
+        conds = dataset.train_conds if which == "train" else dataset.held_out_conds
+        return None, conds, dataset.null_conds
+    labels = dataset.train_labels if which == "train" else dataset.held_out_labels
+    return labels, None, None
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -192,20 +230,24 @@ class _HeldOutGuidance:
     """Fixed held-out (z_t, t, y) with the teacher's v_c, v_u computed once."""
 
     def __init__(self, teacher, dataset, schedule: Schedule, *, size: int, seed: int, device):
-        x, y = dataset.held_out, dataset.held_out_labels
+        x = dataset.held_out
+        y, conds, nulls = _split_conds(dataset, "held_out")
         size = min(size, len(x))
         gen = update_generator(seed, "guided-heldout", 0)
-        d = _draw_stage1(x[:size], y[:size], size, gen, schedule, 0.0, 0.0, label_dropout=0.0,
-                         device=device)
-        self.z_t, self.t, self.y = d.z_t, d.t, d.y
-        self.v_c, self.v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y)
+        d = _draw_stage1(x[:size], None if y is None else y[:size], size, gen, schedule, 0.0,
+                         0.0, label_dropout=0.0, device=device,
+                         conds={k: v[:size] for k, v in (conds or {}).items()},
+                         null_conds=nulls)
+        self.z_t, self.t, self.cond = d.z_t, d.t, d.student_cond
+        self.v_c, self.v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y, cond=d.cond,
+                                                 null=d.null)
 
     @torch.no_grad()
     def errors(self, student, ws) -> dict:
         out = {}
         for w in ws:
             wt = torch.full((self.z_t.shape[0],), float(w), device=self.z_t.device)
-            v_s = student(self.z_t, self.t.float(), y=self.y, w=wt).double()
+            v_s = student(self.z_t, self.t.float(), w=wt, **self.cond).double()
             target = (1 + w) * self.v_c.double() - w * self.v_u.double()
             out[float(w)] = float((v_s - target).norm() / target.norm())
         return out
@@ -321,7 +363,8 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
             add_scalar_condition(student, "w", scale=w_scale)
     teacher = checked_output(teacher, "teacher")
 
-    examples, labels = dataset.train, dataset.train_labels
+    examples = dataset.train
+    labels, conds, nulls = _split_conds(dataset, "train")
     history = GuidanceHistory()
     held: list = []
 
@@ -333,12 +376,13 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
 
     def draw(gen, n) -> _Draw:
         return _draw_stage1(examples, labels, n, gen, schedule, w_min, w_max,
-                            label_dropout=label_dropout)
+                            label_dropout=label_dropout, conds=conds, null_conds=nulls)
 
     def loss(model, d: _Draw) -> torch.Tensor:
-        v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y)   # under the runner's autocast
+        v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y, cond=d.cond,
+                                       null=d.null)   # under the runner's autocast
         with phase("student_forward"):
-            v_s = model(d.z_t, d.t.float(), y=d.y, w=d.w)
+            v_s = model(d.z_t, d.t.float(), w=d.w, **d.student_cond)
         with phase("target"):
             balance = 1.0 / (1.0 + d.w.clamp(min=0)).square() if balance_w else None
             return guided_distill_loss(v_s.to(d.z_t.dtype), v_c, v_u, d.w, schedule.phi(d.t),
@@ -360,7 +404,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                 else type(teacher).__name__,
                 "student": start_from,
                 "data": fingerprint_tensors(examples, labels, dataset.held_out,
-                                            dataset.held_out_labels)}
+                                            dataset.held_out_labels, *_cond_tensors(dataset))}
     method = Method(name="guided-stage1", student=student, draw=draw, loss=loss,
                     settings=settings, measure=measure)
     result = run(method, config, history=history)
@@ -368,6 +412,12 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     h.final_error = held_out().errors(out, eval_ws)
     out.schedule = schedule
     return GuidanceResult(student=out, history=h)
+
+
+def _cond_tensors(dataset) -> list:
+    """A data set's condition tensors (for fingerprints; none for labelled data)."""
+    return [*dataset.train_conds.values(), *dataset.held_out_conds.values(),
+            *dataset.null_conds.values()]
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -524,7 +574,8 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
     student = copy.deepcopy(teacher_module)
     teacher = checked_output(teacher, "teacher")
     draw_w = w_sampler(w_min, w_max)
-    examples, labels = dataset.train, dataset.train_labels
+    examples = dataset.train
+    labels, conds, _ = _split_conds(dataset, "train")
     held: list = []
 
     def held_out():
@@ -532,16 +583,18 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
         if not held:
             gen = update_generator(seed, f"guided-stochastic-heldout{steps}", 0)
             size = min(heldout_size, len(dataset.held_out))
-            b = draw_batch(dataset.held_out[:size], dataset.held_out_labels[:size], steps, size,
-                           gen, schedule, label_dropout=0.0, use_labels=True, device=device,
-                           extra_cond=draw_w)
+            y, conds, _ = _split_conds(dataset, "held_out")
+            b = draw_batch(dataset.held_out[:size], None if y is None else y[:size], steps,
+                           size, gen, schedule, label_dropout=0.0, use_labels=y is not None,
+                           device=device, extra_cond=draw_w,
+                           conds={k: v[:size] for k, v in (conds or {}).items()})
             held.append((b, *stochastic_target(teacher, b.z_t, b.t, b.cond, steps, schedule,
                                                teacher_steps=teacher_steps)))
         return held[0]
 
     def draw(gen, n):
         return draw_batch(examples, labels, steps, n, gen, schedule, label_dropout=0.0,
-                          use_labels=True, extra_cond=draw_w)
+                          use_labels=labels is not None, extra_cond=draw_w, conds=conds)
 
     def loss(model, b) -> torch.Tensor:
         cond = b.cond   # the teacher runs under the runner's autocast
@@ -561,7 +614,7 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
                 "w_max": w_max, "weighting": weighting, "heldout_size": heldout_size,
                 "schedule": schedule.config, "teacher": fingerprint_tensors(teacher_module),
                 "data": fingerprint_tensors(examples, labels, dataset.held_out,
-                                            dataset.held_out_labels)}
+                                            dataset.held_out_labels, *_cond_tensors(dataset))}
     method = Method(name=f"guided-stochastic{steps}", student=student, draw=draw, loss=loss,
                     settings=settings, measure=measure)
     result = run(method, config, history=RoundHistory())

@@ -102,11 +102,14 @@ class PDBatch:
 
 def draw_batch(examples, labels, student_steps: int, global_batch: int, gen, schedule,
                *, label_dropout: float, use_labels: bool, rank: int = 0, world: int = 1,
-               device=None, extra_cond=None) -> PDBatch:
+               device=None, extra_cond=None, conds=None, null_conds=None) -> PDBatch:
     """Draw the global batch's randomness from `gen` and keep this rank's slice.
 
     extra_cond: optional `f(generator, n) -> {name: tensor (n,)}` drawing further conditions
     for the global batch (e.g. a guidance weight w per example), passed to teacher and student.
+    conds: optional per-example condition tensors {keyword: (N, ...)} (a Dataset's
+    `train_conds`, e.g. text embeddings), indexed like `examples`; a dropped example
+    (label_dropout) gets `null_conds[keyword]` (...) instead. No extra random draws.
     """
     n = examples.shape[0]
     idx = torch.randint(0, n, (global_batch,), generator=gen)
@@ -123,6 +126,12 @@ def draw_batch(examples, labels, student_steps: int, global_batch: int, gen, sch
     if use_labels and labels is not None:
         y = torch.where(drop[sl], torch.full_like(labels[idx[sl]], -1), labels[idx[sl]]).to(device)
     extra = {}
+    for k, v in (conds or {}).items():
+        c = v[idx[sl]]
+        if null_conds and k in null_conds:
+            keep = per_sample(~drop[sl], c).bool()
+            c = torch.where(keep, c, null_conds[k].to(c.dtype).expand_as(c))
+        extra[k] = c.to(device)
     if extra_cond is not None:
         extra = {k: v[sl].to(device) for k, v in extra_cond(gen, global_batch).items()}
     return PDBatch(z_t=z_t, t=t, y=y, extra=extra)
@@ -172,9 +181,10 @@ class HeldOut:
         x, y = dataset.held_out, dataset.held_out_labels
         size = min(size, len(x))
         gen = update_generator(seed, "heldout", student_steps)
+        conds = {k: v[:size] for k, v in getattr(dataset, "held_out_conds", {}).items()}
         batch = draw_batch(x[:size], None if y is None else y[:size], student_steps, size, gen,
                            schedule, label_dropout=0.0, use_labels=use_labels, device=device,
-                           extra_cond=extra_cond)
+                           extra_cond=extra_cond, conds=conds)
         self.batch = batch
         self.weighting = weighting
         v1, v2, phi_t, phi_mid, phi_end = teacher_velocities(
@@ -287,10 +297,12 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
     held: list = []
     teacher = checked_output(teacher, "teacher")
 
+    conds, nulls = dataset.train_conds, dataset.null_conds
+
     def draw(gen, n):
         return draw_batch(examples, labels, steps, n, gen, schedule,
                           label_dropout=label_dropout, use_labels=use_labels,
-                          extra_cond=extra_cond)
+                          extra_cond=extra_cond, conds=conds, null_conds=nulls)
 
     def loss(model, batch):
         return pd_update(model, teacher, batch, steps, schedule, weighting=weighting,
@@ -309,7 +321,8 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
                 "teacher": fingerprint_tensors(teacher_module) if teacher_module is not None
                 else type(teacher).__name__,
                 "student": start_from,
-                "data": fingerprint_tensors(examples, labels)}
+                "data": fingerprint_tensors(examples, labels, *conds.values(),
+                                            *nulls.values())}
     method = Method(name=f"pd{teacher_steps}", student=student, draw=draw, loss=loss,
                     settings=settings, measure=measure)
     return _Plan(method=method, schedule=schedule, device=device)
