@@ -1,7 +1,8 @@
 """Fused kernels (Triton on CUDA, torch on CPU) for fastdiff.
 
 Public functions (DESIGN §4); each lives in its own module next to its Triton kernel,
-torch implementation, float64 reference and ``torch.library`` custom op:
+torch implementation, float64 reference and ``torch.library`` custom op (registered and
+dispatched by the one helper in ``_register.py``):
 
 * ``ddim_step(z, v, phi_from, phi_to)`` (``ddim_step.py``)
 * ``pd_target(z_t, v_1, v_2, phi_t, phi_mid, phi_end)`` (``pd_target.py``)

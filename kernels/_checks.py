@@ -94,11 +94,12 @@ def angles(name: str, phi, batch: int, device: torch.device) -> torch.Tensor:
                 f"{name} is on {phi.device} but the data is on {device}; "
                 "expected the same device (or CPU angles)"
             )
-        phi = phi.detach().to(device=device, dtype=torch.float64)
-    elif isinstance(phi, Real) and not isinstance(phi, bool):
-        phi = torch.tensor(float(phi), dtype=torch.float64, device=device)
-    else:
-        raise TypeError(
-            f"{name}: expected a float or a floating tensor of angles, got {type(phi).__name__}"
-        )
-    return phi.expand(batch)
+        if phi.requires_grad:
+            phi = phi.detach()
+        phi = phi.to(device=device, dtype=torch.float64)
+        return phi if phi.dim() else phi.expand(batch)
+    if isinstance(phi, Real) and not isinstance(phi, bool):
+        return torch.full((batch,), float(phi), dtype=torch.float64, device=device)
+    raise TypeError(
+        f"{name}: expected a float or a floating tensor of angles, got {type(phi).__name__}"
+    )

@@ -1,4 +1,4 @@
-"""Loss weightings and per-element metrics shared by ``distill_loss`` and ``fused_pd_loss``.
+"""Loss weightings, per-element metrics and the loss reductions shared by the four losses.
 
 Per-element metrics of the difference ``d = v_student - v_target``:
 
@@ -45,15 +45,21 @@ def loss_weight(phi: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f"weighting={weighting!r} is not valid; expected one of {WEIGHTINGS}")
 
 
-def row_scale(phi: torch.Tensor, weighting: str, n_per_sample: int,
-              factor: torch.Tensor | None = None) -> torch.Tensor:
-    """``factor_b · weight_b / (B * n_per_sample)`` formed in float64, handed over as a
-    contiguous float32 ``(B,)``; ``factor``: optional float64 ``(B,)`` per-example factors."""
-    batch = phi.shape[0]
+def row_weight64(phi: torch.Tensor, weighting: str, n_per_sample: int,
+                 factor: torch.Tensor | None = None) -> torch.Tensor:
+    """``factor_b · weight_b / (B * n_per_sample)`` in float64, ``(B,)``; ``factor``:
+    optional float64 ``(B,)`` per-example factors. Ops stack it with their other per-sample
+    coefficients and round them all to float32 at once."""
     weight = loss_weight(phi, weighting)
     if factor is not None:
         weight = weight * factor
-    return (weight / (batch * n_per_sample)).to(torch.float32).contiguous()
+    return weight / (phi.shape[0] * n_per_sample)
+
+
+def row_scale(phi: torch.Tensor, weighting: str, n_per_sample: int,
+              factor: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`row_weight64` handed over as a contiguous float32 ``(B,)``."""
+    return row_weight64(phi, weighting, n_per_sample, factor).to(torch.float32).contiguous()
 
 
 # ---------------------------------------------------------------- torch versions
@@ -74,6 +80,19 @@ def metric_grad_torch_(d: torch.Tensor, metric: str, huber_c: float) -> torch.Te
     if metric == "l1":
         return d.sign_()
     return d / (d.square() + huber_c * huber_c).sqrt_()
+
+
+def loss_torch(d: torch.Tensor, scale: torch.Tensor, metric: str, huber_c: float):
+    """``sum_b scale_b sum_i metric(d_bi)`` (float32 scalar); may overwrite ``d``."""
+    per_sample = metric_torch_(d, metric, huber_c).reshape(d.shape[0], -1).sum(dim=1)
+    return torch.dot(per_sample, scale)
+
+
+def loss_grad_torch(d: torch.Tensor, gscale: torch.Tensor, metric: str, huber_c: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``gscale_b metric'(d_bi)`` in ``dtype``; may overwrite ``d``."""
+    g = metric_grad_torch_(d, metric, huber_c)
+    return g.mul_(gscale.view((-1,) + (1,) * (g.dim() - 1))).to(dtype)
 
 
 def metric_reference(d: torch.Tensor, metric: str, huber_c: float) -> torch.Tensor:
@@ -108,3 +127,19 @@ if triton is not None:
         else:  # pseudo_huber
             out = d / tl.sqrt(d * d + HUBER_C * HUBER_C)
         return out
+
+    @triton.jit
+    def store_loss_partial(partial_ptr, row, d, mask, scale,
+                           METRIC: tl.constexpr, HUBER_C: tl.constexpr):
+        """``partial[row, block] = scale * sum(metric(d))`` over this program's block (grid
+        ``(blocks of one sample, samples)``; one partial per program, no atomics)."""
+        m = tl.where(mask, metric_value(d, METRIC, HUBER_C), 0.0)
+        slot = row.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(partial_ptr + slot, scale * tl.sum(m, axis=0))
+
+    @triton.jit
+    def store_loss_grad(grad_ptr, offs, mask, d, gscale,
+                        METRIC: tl.constexpr, HUBER_C: tl.constexpr):
+        """``grad = gscale * metric'(d)`` for this program's block, in the grad's dtype."""
+        g = gscale * metric_grad(d, METRIC, HUBER_C)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -92,6 +92,17 @@ def blocks_per_row(n_per_sample: int) -> int:
     return max(1, -(-n_per_sample // BLOCK))
 
 
+if triton is not None:
+
+    @triton.jit
+    def sample_block(n_per_sample, row_start, BLOCK: tl.constexpr):
+        """This program's piece of the grid ``(blocks of one sample, samples)``: its sample
+        ``row`` and the flat offsets and mask of its ``BLOCK`` elements of that sample."""
+        row = row_start + tl.program_id(1)
+        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        return row, row.to(tl.int64) * n_per_sample + cols, cols < n_per_sample
+
+
 # ---------------------------------------------------------------- compiled CPU path
 #: Below this many elements the eager torch implementation is used on CPU: a small op is
 #: bound by per-call overhead, and compiling for every new small shape would cost more than
@@ -99,7 +110,8 @@ def blocks_per_row(n_per_sample: int) -> int:
 #: (one fused loop over memory instead of one pass per elementwise op).
 CPU_COMPILE_MIN_ELEMENTS = 1 << 18
 
-_compiled: dict = {}
+_compiled: dict = {}  # torch implementation -> its torch.compile'd twin
+_runners: dict = {}  # torch implementation -> the guarded caller of that twin
 _compile_failed: set = set()
 
 
@@ -107,12 +119,17 @@ def cpu_fused(fn, tensor: torch.Tensor):
     """`fn`, or its torch.compile'd twin for large CPU tensors (`FASTDIFF_CPU_COMPILE=0`
     turns this off). Falls back to `fn` for good if compiling fails on this machine."""
     if (tensor.device.type != "cpu" or tensor.numel() < CPU_COMPILE_MIN_ELEMENTS
-            or os.environ.get("FASTDIFF_CPU_COMPILE", "1") == "0"
-            or fn in _compile_failed or torch.compiler.is_compiling()):
+            or fn in _compile_failed or torch.compiler.is_compiling()
+            or os.environ.get("FASTDIFF_CPU_COMPILE", "1") == "0"):
         return fn
-    compiled = _compiled.get(fn)
-    if compiled is None:
-        compiled = _compiled[fn] = torch.compile(fn, dynamic=None)
+    run = _runners.get(fn)
+    if run is None:
+        run = _runners[fn] = _compiled_runner(fn)
+    return run
+
+
+def _compiled_runner(fn):
+    compiled = _compiled[fn] = torch.compile(fn, dynamic=None)
 
     def run(*args):
         try:

@@ -13,104 +13,64 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._metrics import (
-    METRIC_CODES,
-    huber_constexpr,
-    metric_grad_torch_,
-    metric_reference,
-    metric_torch_,
-    row_scale,
-)
-from .dispatch import BLOCK, backend_for, blocks_per_row, row_chunks, tl, triton
+from ._metrics import loss_grad_torch, loss_torch, metric_reference, row_scale
+from ._register import launch_loss, launch_loss_backward, register_loss_op
+from .dispatch import sample_block, tl, triton
 
 if triton is not None:
-    from ._metrics import metric_grad, metric_value
+    from ._metrics import store_loss_grad, store_loss_partial
 
 
 # ---------------------------------------------------------------- 1. Triton kernels
 if triton is not None:
 
     @triton.jit
-    def _distill_loss_fwd_kernel(
-        vs_ptr, vt_ptr, scale_ptr, partial_ptr,
-        n_per_sample, n_blocks, row_start,
-        METRIC: tl.constexpr, HUBER_C: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # grid: (blocks of one sample's elements, samples); one partial sum per program
-        block = tl.program_id(0)
-        row = row_start + tl.program_id(1)
-        cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_per_sample
-        offs = row.to(tl.int64) * n_per_sample + cols
+    def _distill_difference(vs_ptr, vt_ptr, offs, mask):
         vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         vt = tl.load(vt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.where(mask, metric_value(vs - vt, METRIC, HUBER_C), 0.0)
-        scale = tl.load(scale_ptr + row)
-        tl.store(partial_ptr + row.to(tl.int64) * n_blocks + block, scale * tl.sum(m, axis=0))
+        return vs - vt
 
     @triton.jit
-    def _distill_loss_bwd_kernel(
-        vs_ptr, vt_ptr, scale_ptr, grad_ptr,
-        n_per_sample, row_start,
-        METRIC: tl.constexpr, HUBER_C: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        row = row_start + tl.program_id(1)
-        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_per_sample
-        offs = row.to(tl.int64) * n_per_sample + cols
-        vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vt = tl.load(vt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + row)  # upstream * w_b / (B * n)
-        g = scale * metric_grad(vs - vt, METRIC, HUBER_C)
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    def _distill_loss_fwd_kernel(vs_ptr, vt_ptr, scale_ptr, partial_ptr,
+                                 n_per_sample, batch, row_start,
+                                 METRIC: tl.constexpr, HUBER_C: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+        row, offs, mask = sample_block(n_per_sample, row_start, BLOCK)
+        d = _distill_difference(vs_ptr, vt_ptr, offs, mask)
+        store_loss_partial(partial_ptr, row, d, mask, tl.load(scale_ptr + row), METRIC, HUBER_C)
+
+    @triton.jit
+    def _distill_loss_bwd_kernel(vs_ptr, vt_ptr, scale_ptr, upstream_ptr, grad_ptr,
+                                 n_per_sample, batch, row_start,
+                                 METRIC: tl.constexpr, HUBER_C: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+        row, offs, mask = sample_block(n_per_sample, row_start, BLOCK)
+        d = _distill_difference(vs_ptr, vt_ptr, offs, mask)
+        gscale = tl.load(scale_ptr + row) * tl.load(upstream_ptr).to(tl.float32)
+        store_loss_grad(grad_ptr, offs, mask, d, gscale, METRIC, HUBER_C)
 
 
 def _distill_loss_triton(vs: Tensor, vt: Tensor, scale: Tensor, metric: str,
                          huber_c: float) -> Tensor:
-    vs, vt = vs.contiguous(), vt.contiguous()
-    batch = vs.shape[0]
-    n = vs.numel() // batch
-    n_blocks = blocks_per_row(n)
-    partial = torch.empty(batch * n_blocks, dtype=torch.float32, device=vs.device)
-    for start, rows in row_chunks(batch):
-        _distill_loss_fwd_kernel[(n_blocks, rows)](
-            vs, vt, scale, partial, n, n_blocks, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
-        )
-    return partial.sum(dtype=torch.float64).to(torch.float32)
+    return launch_loss(_distill_loss_fwd_kernel, (vs, vt), scale, metric, huber_c)
 
 
-def _distill_loss_backward_triton(vs: Tensor, vt: Tensor, scale: Tensor, metric: str,
-                                  huber_c: float) -> Tensor:
-    vs, vt = vs.contiguous(), vt.contiguous()
-    grad = torch.empty_like(vs)
-    batch = vs.shape[0]
-    n = vs.numel() // batch
-    for start, rows in row_chunks(batch):
-        _distill_loss_bwd_kernel[(blocks_per_row(n), rows)](
-            vs, vt, scale, grad, n, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
-        )
-    return grad
+def _distill_loss_backward_triton(vs: Tensor, vt: Tensor, scale: Tensor, upstream: Tensor,
+                                  metric: str, huber_c: float) -> Tensor:
+    return launch_loss_backward(_distill_loss_bwd_kernel, (vs, vt), scale, upstream, metric,
+                                huber_c)
 
 
 # ---------------------------------------------------------------- 2. torch implementation
-def _rows(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
 def _distill_loss_torch(vs: Tensor, vt: Tensor, scale: Tensor, metric: str,
                         huber_c: float) -> Tensor:
-    d = torch.sub(vs.float(), vt.float())
-    per_sample = _rows(metric_torch_(d, metric, huber_c)).sum(dim=1)
-    return torch.dot(per_sample, scale)
+    return loss_torch(torch.sub(vs.float(), vt.float()), scale, metric, huber_c)
 
 
-def _distill_loss_backward_torch(vs: Tensor, vt: Tensor, scale: Tensor, metric: str,
-                                 huber_c: float) -> Tensor:
-    d = torch.sub(vs.float(), vt.float())
-    g = metric_grad_torch_(d, metric, huber_c)
-    return g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1))).to(vs.dtype)
+def _distill_loss_backward_torch(vs: Tensor, vt: Tensor, scale: Tensor, upstream: Tensor,
+                                 metric: str, huber_c: float) -> Tensor:
+    return loss_grad_torch(torch.sub(vs.float(), vt.float()), scale * upstream, metric,
+                           huber_c, vs.dtype)
 
 
 # ---------------------------------------------------------------- 3. float64 reference
@@ -136,61 +96,8 @@ def distill_loss_reference(v_student: Tensor, v_target: Tensor, phi_t,
 
 
 # ---------------------------------------------------------------- 4. custom ops
-@torch.library.custom_op("fastdiff::distill_loss", mutates_args=())
-def _distill_loss_op(v_student: Tensor, v_target: Tensor, scale: Tensor, metric: str,
-                     huber_c: float) -> Tensor:
-    """Default kernel (devices other than CPU/CUDA): the torch implementation."""
-    return _distill_loss_torch(v_student, v_target, scale, metric, huber_c)
-
-
-@_distill_loss_op.register_kernel(("cpu", "cuda"))
-def _(v_student: Tensor, v_target: Tensor, scale: Tensor, metric: str,
-      huber_c: float) -> Tensor:
-    if backend_for(v_student) == "triton":
-        return _distill_loss_triton(v_student, v_target, scale, metric, huber_c)
-    return _distill_loss_torch(v_student, v_target, scale, metric, huber_c)
-
-
-@_distill_loss_op.register_fake
-def _(v_student, v_target, scale, metric, huber_c):
-    return v_student.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastdiff::distill_loss_backward", mutates_args=())
-def _distill_loss_backward_op(v_student: Tensor, v_target: Tensor, scale: Tensor,
-                              metric: str, huber_c: float) -> Tensor:
-    """Gradient wrt ``v_student``; ``scale`` = upstream grad * w_b / (B * n)."""
-    return _distill_loss_backward_torch(v_student, v_target, scale, metric, huber_c)
-
-
-@_distill_loss_backward_op.register_kernel(("cpu", "cuda"))
-def _(v_student: Tensor, v_target: Tensor, scale: Tensor, metric: str,
-      huber_c: float) -> Tensor:
-    if backend_for(v_student) == "triton":
-        return _distill_loss_backward_triton(v_student, v_target, scale, metric, huber_c)
-    return _distill_loss_backward_torch(v_student, v_target, scale, metric, huber_c)
-
-
-@_distill_loss_backward_op.register_fake
-def _(v_student, v_target, scale, metric, huber_c):
-    return torch.empty_like(v_student, memory_format=torch.contiguous_format)
-
-
-def _setup(ctx, inputs, output):
-    v_student, v_target, scale, metric, huber_c = inputs
-    ctx.save_for_backward(v_student, v_target, scale)
-    ctx.metric, ctx.huber_c = metric, huber_c
-
-
-def _backward(ctx, grad):
-    v_student, v_target, scale = ctx.saved_tensors
-    grad_vs = _distill_loss_backward_op(
-        v_student, v_target, scale * grad.to(torch.float32), ctx.metric, ctx.huber_c
-    )
-    return grad_vs, None, None, None, None
-
-
-_distill_loss_op.register_autograd(_backward, setup_context=_setup)
+_distill_loss_op = register_loss_op("distill_loss", _distill_loss_torch, _distill_loss_triton,
+                                    _distill_loss_backward_torch, _distill_loss_backward_triton)
 
 
 # ---------------------------------------------------------------- 5. public function

@@ -2,7 +2,8 @@
 
 The target ``c_z z_t + c_1 v_1 + c_2 v_2`` (coefficients as in ``pd_target``) is formed
 in registers and never written to memory; the backward kernel recomputes it rather than
-saving it. Same weighting, metrics and reduction as ``distill_loss``.
+saving it. Same weighting, metrics and reduction as ``distill_loss``. The three target
+coefficients and the loss scale reach the kernels as one float32 ``(4, B)`` tensor.
 """
 
 from __future__ import annotations
@@ -11,115 +12,75 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._metrics import (
-    METRIC_CODES,
-    huber_constexpr,
-    metric_grad_torch_,
-    metric_torch_,
-    row_scale,
-)
-from .dispatch import BLOCK, backend_for, blocks_per_row, cpu_fused, row_chunks, tl, triton
+from ._metrics import loss_grad_torch, loss_torch, row_weight64
+from ._register import launch_loss, launch_loss_backward, per_sample, register_loss_op
+from .dispatch import sample_block, tl, triton
 from .distill_loss import distill_loss_reference
-from .pd_target import _pd_target_torch_f32, pd_angles, pd_coefficients, pd_target_reference
+from .pd_target import _pd_target_torch_f32, pd_angles, pd_coefficients64, pd_target_reference
 
 if triton is not None:
-    from ._metrics import metric_grad, metric_value
+    from ._metrics import store_loss_grad, store_loss_partial
+    from .pd_target import pd_target_value
 
 
 # ---------------------------------------------------------------- 1. Triton kernels
+# coef rows: the loss scale w_b / (B * n), then c_z, c_1, c_2 (as in pd_target)
 if triton is not None:
 
     @triton.jit
-    def _fused_pd_loss_fwd_kernel(
-        vs_ptr, z_ptr, v1_ptr, v2_ptr, cz_ptr, c1_ptr, c2_ptr, scale_ptr, partial_ptr,
-        n_per_sample, n_blocks, row_start,
-        METRIC: tl.constexpr, HUBER_C: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # grid: (blocks of one sample's elements, samples); one partial sum per program
-        block = tl.program_id(0)
-        row = row_start + tl.program_id(1)
-        cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_per_sample
-        offs = row.to(tl.int64) * n_per_sample + cols
-        cz = tl.load(cz_ptr + row)
-        c1 = tl.load(c1_ptr + row)
-        c2 = tl.load(c2_ptr + row)
+    def _fused_pd_difference(vs_ptr, z_ptr, v1_ptr, v2_ptr, coef_ptr, batch, row, offs, mask):
         vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v1 = tl.load(v1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v2 = tl.load(v2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = vs - (cz * z + c1 * v1 + c2 * v2)
-        m = tl.where(mask, metric_value(d, METRIC, HUBER_C), 0.0)
-        scale = tl.load(scale_ptr + row)
-        tl.store(partial_ptr + row.to(tl.int64) * n_blocks + block, scale * tl.sum(m, axis=0))
+        target = pd_target_value(z_ptr, v1_ptr, v2_ptr, coef_ptr + batch, batch, row, offs,
+                                 mask)
+        return vs - target
 
     @triton.jit
-    def _fused_pd_loss_bwd_kernel(
-        vs_ptr, z_ptr, v1_ptr, v2_ptr, cz_ptr, c1_ptr, c2_ptr, scale_ptr, grad_ptr,
-        n_per_sample, row_start,
-        METRIC: tl.constexpr, HUBER_C: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        row = row_start + tl.program_id(1)
-        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_per_sample
-        offs = row.to(tl.int64) * n_per_sample + cols
-        cz = tl.load(cz_ptr + row)
-        c1 = tl.load(c1_ptr + row)
-        c2 = tl.load(c2_ptr + row)
-        vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v1 = tl.load(v1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v2 = tl.load(v2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = vs - (cz * z + c1 * v1 + c2 * v2)
-        scale = tl.load(scale_ptr + row)  # upstream * w_b / (B * n)
-        g = scale * metric_grad(d, METRIC, HUBER_C)
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    def _fused_pd_loss_fwd_kernel(vs_ptr, z_ptr, v1_ptr, v2_ptr, coef_ptr, partial_ptr,
+                                  n_per_sample, batch, row_start,
+                                  METRIC: tl.constexpr, HUBER_C: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+        row, offs, mask = sample_block(n_per_sample, row_start, BLOCK)
+        d = _fused_pd_difference(vs_ptr, z_ptr, v1_ptr, v2_ptr, coef_ptr, batch, row, offs, mask)
+        store_loss_partial(partial_ptr, row, d, mask, tl.load(coef_ptr + row), METRIC, HUBER_C)
+
+    @triton.jit
+    def _fused_pd_loss_bwd_kernel(vs_ptr, z_ptr, v1_ptr, v2_ptr, coef_ptr, upstream_ptr,
+                                  grad_ptr, n_per_sample, batch, row_start,
+                                  METRIC: tl.constexpr, HUBER_C: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+        row, offs, mask = sample_block(n_per_sample, row_start, BLOCK)
+        d = _fused_pd_difference(vs_ptr, z_ptr, v1_ptr, v2_ptr, coef_ptr, batch, row, offs, mask)
+        gscale = tl.load(coef_ptr + row) * tl.load(upstream_ptr).to(tl.float32)
+        store_loss_grad(grad_ptr, offs, mask, d, gscale, METRIC, HUBER_C)
 
 
-def _fused_pd_loss_triton(vs, z, v1, v2, cz, c1, c2, scale, metric, huber_c):
-    vs, z, v1, v2 = vs.contiguous(), z.contiguous(), v1.contiguous(), v2.contiguous()
-    batch = vs.shape[0]
-    n = vs.numel() // batch
-    n_blocks = blocks_per_row(n)
-    partial = torch.empty(batch * n_blocks, dtype=torch.float32, device=vs.device)
-    for start, rows in row_chunks(batch):
-        _fused_pd_loss_fwd_kernel[(n_blocks, rows)](
-            vs, z, v1, v2, cz, c1, c2, scale, partial, n, n_blocks, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
-        )
-    return partial.sum(dtype=torch.float64).to(torch.float32)
+def _fused_pd_loss_triton(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor,
+                          metric: str, huber_c: float) -> Tensor:
+    return launch_loss(_fused_pd_loss_fwd_kernel, (vs, z, v1, v2), coef, metric, huber_c)
 
 
-def _fused_pd_loss_backward_triton(vs, z, v1, v2, cz, c1, c2, scale, metric, huber_c):
-    vs, z, v1, v2 = vs.contiguous(), z.contiguous(), v1.contiguous(), v2.contiguous()
-    grad = torch.empty_like(vs)
-    batch = vs.shape[0]
-    n = vs.numel() // batch
-    for start, rows in row_chunks(batch):
-        _fused_pd_loss_bwd_kernel[(blocks_per_row(n), rows)](
-            vs, z, v1, v2, cz, c1, c2, scale, grad, n, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
-        )
-    return grad
+def _fused_pd_loss_backward_triton(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor,
+                                   upstream: Tensor, metric: str, huber_c: float) -> Tensor:
+    return launch_loss_backward(_fused_pd_loss_bwd_kernel, (vs, z, v1, v2), coef, upstream,
+                                metric, huber_c)
 
 
 # ---------------------------------------------------------------- 2. torch implementation
-def _difference_f32(vs, z, v1, v2, cz, c1, c2) -> Tensor:
+def _difference_f32(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor) -> Tensor:
     """``v_student - target`` in float32 (one temporary, reused in place)."""
-    d = _pd_target_torch_f32(z, v1, v2, cz, c1, c2)
-    return d.neg_().add_(vs)
+    _, cz, c1, c2 = per_sample(coef, vs)
+    return _pd_target_torch_f32(z, v1, v2, cz, c1, c2).neg_().add_(vs)
 
 
-def _fused_pd_loss_torch(vs, z, v1, v2, cz, c1, c2, scale, metric, huber_c):
-    d = _difference_f32(vs, z, v1, v2, cz, c1, c2)
-    per_sample = metric_torch_(d, metric, huber_c).reshape(d.shape[0], -1).sum(dim=1)
-    return torch.dot(per_sample, scale)
+def _fused_pd_loss_torch(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor,
+                         metric: str, huber_c: float) -> Tensor:
+    return loss_torch(_difference_f32(vs, z, v1, v2, coef), coef[0], metric, huber_c)
 
 
-def _fused_pd_loss_backward_torch(vs, z, v1, v2, cz, c1, c2, scale, metric, huber_c):
-    d = _difference_f32(vs, z, v1, v2, cz, c1, c2)
-    g = metric_grad_torch_(d, metric, huber_c)
-    return g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1))).to(vs.dtype)
+def _fused_pd_loss_backward_torch(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor,
+                                  upstream: Tensor, metric: str, huber_c: float) -> Tensor:
+    return loss_grad_torch(_difference_f32(vs, z, v1, v2, coef), coef[0] * upstream, metric,
+                           huber_c, vs.dtype)
 
 
 # ---------------------------------------------------------------- 3. float64 reference
@@ -132,67 +93,9 @@ def fused_pd_loss_reference(v_student, z_t, v_1, v_2, phi_t, phi_mid, phi_end,
 
 
 # ---------------------------------------------------------------- 4. custom ops
-@torch.library.custom_op("fastdiff::fused_pd_loss", mutates_args=())
-def _fused_pd_loss_op(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor, cz: Tensor,
-                      c1: Tensor, c2: Tensor, scale: Tensor, metric: str,
-                      huber_c: float) -> Tensor:
-    """Default kernel (devices other than CPU/CUDA): the torch implementation."""
-    return _fused_pd_loss_torch(v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c)
-
-
-@_fused_pd_loss_op.register_kernel(("cpu", "cuda"))
-def _(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor, cz: Tensor, c1: Tensor,
-      c2: Tensor, scale: Tensor, metric: str, huber_c: float) -> Tensor:
-    args = (v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c)
-    if backend_for(v_student) == "triton":
-        return _fused_pd_loss_triton(*args)
-    return cpu_fused(_fused_pd_loss_torch, v_student)(*args)
-
-
-@_fused_pd_loss_op.register_fake
-def _(v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c):
-    return v_student.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastdiff::fused_pd_loss_backward", mutates_args=())
-def _fused_pd_loss_backward_op(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor,
-                               cz: Tensor, c1: Tensor, c2: Tensor, scale: Tensor,
-                               metric: str, huber_c: float) -> Tensor:
-    """Gradient wrt ``v_student``; ``scale`` = upstream grad * w_b / (B * n)."""
-    return _fused_pd_loss_backward_torch(v_student, z_t, v_1, v_2, cz, c1, c2, scale,
-                                         metric, huber_c)
-
-
-@_fused_pd_loss_backward_op.register_kernel(("cpu", "cuda"))
-def _(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor, cz: Tensor, c1: Tensor,
-      c2: Tensor, scale: Tensor, metric: str, huber_c: float) -> Tensor:
-    args = (v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c)
-    if backend_for(v_student) == "triton":
-        return _fused_pd_loss_backward_triton(*args)
-    return cpu_fused(_fused_pd_loss_backward_torch, v_student)(*args)
-
-
-@_fused_pd_loss_backward_op.register_fake
-def _(v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c):
-    return torch.empty_like(v_student, memory_format=torch.contiguous_format)
-
-
-def _setup(ctx, inputs, output):
-    v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c = inputs
-    ctx.save_for_backward(v_student, z_t, v_1, v_2, cz, c1, c2, scale)
-    ctx.metric, ctx.huber_c = metric, huber_c
-
-
-def _backward(ctx, grad):
-    v_student, z_t, v_1, v_2, cz, c1, c2, scale = ctx.saved_tensors
-    grad_vs = _fused_pd_loss_backward_op(
-        v_student, z_t, v_1, v_2, cz, c1, c2, scale * grad.to(torch.float32),
-        ctx.metric, ctx.huber_c,
-    )
-    return (grad_vs,) + (None,) * 9
-
-
-_fused_pd_loss_op.register_autograd(_backward, setup_context=_setup)
+_fused_pd_loss_op = register_loss_op("fused_pd_loss", _fused_pd_loss_torch,
+                                     _fused_pd_loss_triton, _fused_pd_loss_backward_torch,
+                                     _fused_pd_loss_backward_triton)
 
 
 # ---------------------------------------------------------------- 5. public function
@@ -213,6 +116,7 @@ def fused_pd_loss(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor, phi_
     _checks.check_choice("metric", metric, _checks.METRICS)
     huber_c = _checks.check_huber_c(huber_c)
     phi_t, phi_mid, phi_end = pd_angles(v_student, phi_t, phi_mid, phi_end)
-    cz, c1, c2 = pd_coefficients(phi_t, phi_mid, phi_end)
-    scale = row_scale(phi_t, weighting, v_student.numel() // v_student.shape[0])
-    return _fused_pd_loss_op(v_student, z_t, v_1, v_2, cz, c1, c2, scale, metric, huber_c)
+    n = v_student.numel() // v_student.shape[0]
+    coef = torch.vstack((row_weight64(phi_t, weighting, n),
+                         pd_coefficients64(phi_t, phi_mid, phi_end))).to(torch.float32)
+    return _fused_pd_loss_op(v_student, z_t, v_1, v_2, coef, metric, huber_c)

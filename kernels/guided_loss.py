@@ -7,8 +7,8 @@
 label; ``w_b`` is the per-sample guidance weight. The guided target is never written to
 memory: the kernels read the three tensors once and form ``d = v_s − (1+w) v_c + w v_u`` in
 float32 registers. ``1 + w_b``, ``w_b`` and ``weight_b / (B·n)`` are formed in float64 on the
-host (B numbers) and reach the kernels as float32 ``(B,)`` tensors, never as Python floats
-(torch.compile would specialise on them, DESIGN §6).
+host (B numbers) and reach the kernels as the three rows of one float32 ``(3, B)`` tensor,
+never as Python floats (torch.compile would specialise on them, DESIGN §6).
 
 Forward: one float32 partial sum per program, added up on the host in a fixed order
 (deterministic, no atomics). Backward: its own kernel / custom op,
@@ -26,119 +26,79 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._metrics import (
-    METRIC_CODES,
-    huber_constexpr,
-    metric_grad_torch_,
-    metric_torch_,
-    row_scale,
-)
-from .dispatch import BLOCK, backend_for, blocks_per_row, row_chunks, tl, triton
+from ._metrics import loss_grad_torch, loss_torch, row_weight64
+from ._register import launch_loss, launch_loss_backward, per_sample, register_loss_op
+from .dispatch import sample_block, tl, triton
 from .distill_loss import distill_loss_reference
 
 if triton is not None:
-    from ._metrics import metric_grad, metric_value
+    from ._metrics import store_loss_grad, store_loss_partial
 
 
 # ---------------------------------------------------------------- 1. Triton kernels
+# coef rows: the loss scale weight_b / (B·n), 1 + w_b, w_b
 if triton is not None:
 
     @triton.jit
-    def _guided_difference(vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, row, offs, mask):
+    def _guided_difference(vs_ptr, vc_ptr, vu_ptr, coef_ptr, batch, row, offs, mask):
         """d = v_s − (1+w) v_c + w v_u for one block of one sample, in float32 registers."""
         vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         vc = tl.load(vc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         vu = tl.load(vu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        wp1 = tl.load(wp1_ptr + row)
-        w = tl.load(w_ptr + row)
+        wp1 = tl.load(coef_ptr + batch + row)
+        w = tl.load(coef_ptr + 2 * batch + row)
         return vs - wp1 * vc + w * vu
 
     @triton.jit
-    def _guided_loss_fwd_kernel(
-        vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, scale_ptr, partial_ptr,
-        n_per_sample, n_blocks, row_start,
-        METRIC: tl.constexpr, HUBER_C: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # grid: (blocks of one sample's elements, samples); one partial sum per program
-        block = tl.program_id(0)
-        row = row_start + tl.program_id(1)
-        cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_per_sample
-        offs = row.to(tl.int64) * n_per_sample + cols
-        d = _guided_difference(vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, row, offs, mask)
-        m = tl.where(mask, metric_value(d, METRIC, HUBER_C), 0.0)
-        scale = tl.load(scale_ptr + row)
-        tl.store(partial_ptr + row.to(tl.int64) * n_blocks + block, scale * tl.sum(m, axis=0))
+    def _guided_loss_fwd_kernel(vs_ptr, vc_ptr, vu_ptr, coef_ptr, partial_ptr,
+                                n_per_sample, batch, row_start,
+                                METRIC: tl.constexpr, HUBER_C: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        row, offs, mask = sample_block(n_per_sample, row_start, BLOCK)
+        d = _guided_difference(vs_ptr, vc_ptr, vu_ptr, coef_ptr, batch, row, offs, mask)
+        store_loss_partial(partial_ptr, row, d, mask, tl.load(coef_ptr + row), METRIC, HUBER_C)
 
     @triton.jit
-    def _guided_loss_bwd_kernel(
-        vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, gscale_ptr, grad_ptr,
-        n_per_sample, row_start,
-        METRIC: tl.constexpr, HUBER_C: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        row = row_start + tl.program_id(1)
-        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_per_sample
-        offs = row.to(tl.int64) * n_per_sample + cols
-        d = _guided_difference(vs_ptr, vc_ptr, vu_ptr, wp1_ptr, w_ptr, row, offs, mask)
-        gscale = tl.load(gscale_ptr + row)  # upstream · weight_b / (B·n)
-        g = gscale * metric_grad(d, METRIC, HUBER_C)
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    def _guided_loss_bwd_kernel(vs_ptr, vc_ptr, vu_ptr, coef_ptr, upstream_ptr, grad_ptr,
+                                n_per_sample, batch, row_start,
+                                METRIC: tl.constexpr, HUBER_C: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        row, offs, mask = sample_block(n_per_sample, row_start, BLOCK)
+        d = _guided_difference(vs_ptr, vc_ptr, vu_ptr, coef_ptr, batch, row, offs, mask)
+        # upstream · weight_b / (B·n)
+        gscale = tl.load(coef_ptr + row) * tl.load(upstream_ptr).to(tl.float32)
+        store_loss_grad(grad_ptr, offs, mask, d, gscale, METRIC, HUBER_C)
 
 
-def _guided_loss_triton(vs: Tensor, vc: Tensor, vu: Tensor, wp1: Tensor, w: Tensor,
-                        scale: Tensor, metric: str, huber_c: float) -> Tensor:
-    vs, vc, vu = vs.contiguous(), vc.contiguous(), vu.contiguous()
-    batch = vs.shape[0]
-    n = vs.numel() // batch
-    n_blocks = blocks_per_row(n)
-    partial = torch.empty(batch * n_blocks, dtype=torch.float32, device=vs.device)
-    for start, rows in row_chunks(batch):
-        _guided_loss_fwd_kernel[(n_blocks, rows)](
-            vs, vc, vu, wp1, w, scale, partial, n, n_blocks, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
-        )
-    return partial.sum(dtype=torch.float64).to(torch.float32)
+def _guided_loss_triton(vs: Tensor, vc: Tensor, vu: Tensor, coef: Tensor, metric: str,
+                        huber_c: float) -> Tensor:
+    return launch_loss(_guided_loss_fwd_kernel, (vs, vc, vu), coef, metric, huber_c)
 
 
-def _guided_loss_backward_triton(vs: Tensor, vc: Tensor, vu: Tensor, wp1: Tensor, w: Tensor,
-                                 gscale: Tensor, metric: str, huber_c: float) -> Tensor:
-    vs, vc, vu = vs.contiguous(), vc.contiguous(), vu.contiguous()
-    grad = torch.empty_like(vs)
-    batch = vs.shape[0]
-    n = vs.numel() // batch
-    for start, rows in row_chunks(batch):
-        _guided_loss_bwd_kernel[(blocks_per_row(n), rows)](
-            vs, vc, vu, wp1, w, gscale, grad, n, start,
-            METRIC=METRIC_CODES[metric], HUBER_C=huber_constexpr(metric, huber_c), BLOCK=BLOCK,
-        )
-    return grad
+def _guided_loss_backward_triton(vs: Tensor, vc: Tensor, vu: Tensor, coef: Tensor,
+                                 upstream: Tensor, metric: str, huber_c: float) -> Tensor:
+    return launch_loss_backward(_guided_loss_bwd_kernel, (vs, vc, vu), coef, upstream, metric,
+                                huber_c)
 
 
 # ---------------------------------------------------------------- 2. torch implementation
-def _col(x: Tensor, ndim: int) -> Tensor:
-    return x.view((-1,) + (1,) * (ndim - 1))
-
-
-def _difference(vs: Tensor, vc: Tensor, vu: Tensor, wp1: Tensor, w: Tensor) -> Tensor:
+def _difference(vs: Tensor, vc: Tensor, vu: Tensor, coef: Tensor) -> Tensor:
     """d = v_s − (1+w) v_c + w v_u in float32 (a fresh tensor, safe to overwrite)."""
-    nd = vs.dim()
-    d = torch.mul(vc.float(), _col(wp1, nd)).neg_()
-    d.addcmul_(vu.float(), _col(w, nd))
+    _, wp1, w = per_sample(coef, vs)
+    d = torch.mul(vc.float(), wp1).neg_()
+    d.addcmul_(vu.float(), w)
     return d.add_(vs.float())
 
 
-def _guided_loss_torch(vs: Tensor, vc: Tensor, vu: Tensor, wp1: Tensor, w: Tensor,
-                       scale: Tensor, metric: str, huber_c: float) -> Tensor:
-    d = _difference(vs, vc, vu, wp1, w)
-    per_sample = metric_torch_(d, metric, huber_c).reshape(vs.shape[0], -1).sum(dim=1)
-    return torch.dot(per_sample, scale)
+def _guided_loss_torch(vs: Tensor, vc: Tensor, vu: Tensor, coef: Tensor, metric: str,
+                       huber_c: float) -> Tensor:
+    return loss_torch(_difference(vs, vc, vu, coef), coef[0], metric, huber_c)
 
 
-def _guided_loss_backward_torch(vs: Tensor, vc: Tensor, vu: Tensor, wp1: Tensor, w: Tensor,
-                                gscale: Tensor, metric: str, huber_c: float) -> Tensor:
-    g = metric_grad_torch_(_difference(vs, vc, vu, wp1, w), metric, huber_c)
-    return g.mul_(_col(gscale, g.dim())).to(vs.dtype)
+def _guided_loss_backward_torch(vs: Tensor, vc: Tensor, vu: Tensor, coef: Tensor,
+                                upstream: Tensor, metric: str, huber_c: float) -> Tensor:
+    return loss_grad_torch(_difference(vs, vc, vu, coef), coef[0] * upstream, metric, huber_c,
+                           vs.dtype)
 
 
 # ---------------------------------------------------------------- 3. float64 reference
@@ -159,63 +119,9 @@ def guided_distill_loss_reference(v_student: Tensor, v_cond: Tensor, v_uncond: T
 
 
 # ---------------------------------------------------------------- 4. custom ops
-@torch.library.custom_op("fastdiff::guided_distill_loss", mutates_args=())
-def _guided_loss_op(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, wp1: Tensor,
-                    w: Tensor, scale: Tensor, metric: str, huber_c: float) -> Tensor:
-    """Default kernel (devices other than CPU/CUDA): the torch implementation."""
-    return _guided_loss_torch(v_student, v_cond, v_uncond, wp1, w, scale, metric, huber_c)
-
-
-@_guided_loss_op.register_kernel(("cpu", "cuda"))
-def _(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, wp1: Tensor, w: Tensor,
-      scale: Tensor, metric: str, huber_c: float) -> Tensor:
-    if backend_for(v_student) == "triton":
-        return _guided_loss_triton(v_student, v_cond, v_uncond, wp1, w, scale, metric, huber_c)
-    return _guided_loss_torch(v_student, v_cond, v_uncond, wp1, w, scale, metric, huber_c)
-
-
-@_guided_loss_op.register_fake
-def _(v_student, v_cond, v_uncond, wp1, w, scale, metric, huber_c):
-    return v_student.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastdiff::guided_distill_loss_backward", mutates_args=())
-def _guided_loss_backward_op(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, wp1: Tensor,
-                             w: Tensor, gscale: Tensor, metric: str, huber_c: float) -> Tensor:
-    """Gradient wrt ``v_student``; ``gscale`` = upstream · weight_b / (B·n)."""
-    return _guided_loss_backward_torch(v_student, v_cond, v_uncond, wp1, w, gscale, metric,
-                                       huber_c)
-
-
-@_guided_loss_backward_op.register_kernel(("cpu", "cuda"))
-def _(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, wp1: Tensor, w: Tensor,
-      gscale: Tensor, metric: str, huber_c: float) -> Tensor:
-    if backend_for(v_student) == "triton":
-        return _guided_loss_backward_triton(v_student, v_cond, v_uncond, wp1, w, gscale,
-                                            metric, huber_c)
-    return _guided_loss_backward_torch(v_student, v_cond, v_uncond, wp1, w, gscale, metric,
-                                       huber_c)
-
-
-@_guided_loss_backward_op.register_fake
-def _(v_student, v_cond, v_uncond, wp1, w, gscale, metric, huber_c):
-    return torch.empty_like(v_student, memory_format=torch.contiguous_format)
-
-
-def _setup(ctx, inputs, output):
-    v_student, v_cond, v_uncond, wp1, w, scale, metric, huber_c = inputs
-    ctx.save_for_backward(v_student, v_cond, v_uncond, wp1, w, scale)
-    ctx.metric, ctx.huber_c = metric, huber_c
-
-
-def _backward(ctx, grad):
-    v_student, v_cond, v_uncond, wp1, w, scale = ctx.saved_tensors
-    grad_vs = _guided_loss_backward_op(v_student, v_cond, v_uncond, wp1, w,
-                                       scale * grad.to(torch.float32), ctx.metric, ctx.huber_c)
-    return grad_vs, None, None, None, None, None, None, None
-
-
-_guided_loss_op.register_autograd(_backward, setup_context=_setup)
+_guided_loss_op = register_loss_op("guided_distill_loss", _guided_loss_torch,
+                                   _guided_loss_triton, _guided_loss_backward_torch,
+                                   _guided_loss_backward_triton)
 
 
 # ---------------------------------------------------------------- 5. public function
@@ -237,14 +143,13 @@ def _weights(w, batch: int, device: torch.device) -> Tensor:
                 and not bool(torch.isfinite(w).all())):
             raise ValueError("w: guidance weights must be finite")
         w64 = w.detach().to(device=device, dtype=torch.float64)
-    elif isinstance(w, Real) and not isinstance(w, bool):
+        return w64 if w64.dim() else w64.expand(batch)
+    if isinstance(w, Real) and not isinstance(w, bool):
         if not math.isfinite(float(w)):
             raise ValueError(f"w: expected a finite guidance weight, got {w}")
-        w64 = torch.tensor(float(w), dtype=torch.float64, device=device)
-    else:
-        raise TypeError(f"w: expected a float or a tensor of guidance weights, "
-                        f"got {type(w).__name__}")
-    return w64.expand(batch)
+        return torch.full((batch,), float(w), dtype=torch.float64, device=device)
+    raise TypeError(f"w: expected a float or a tensor of guidance weights, "
+                    f"got {type(w).__name__}")
 
 
 def _sample_weights(sample_weight, batch: int, device: torch.device) -> Tensor:
@@ -291,11 +196,10 @@ def guided_distill_loss(v_student: Tensor, v_cond: Tensor, v_uncond: Tensor, w, 
     batch = v_student.shape[0]
     w64 = _weights(w, batch, v_student.device)
     phi = _checks.angles("phi_t", phi_t, batch, v_student.device)
-    # 1 + w formed in float64 then rounded once: (1+w) and w are each the nearest float32
-    wp1 = (1.0 + w64).to(torch.float32).contiguous()
-    w32 = w64.to(torch.float32).contiguous()
     factor = None if sample_weight is None else _sample_weights(sample_weight, batch,
                                                                 v_student.device)
-    scale = row_scale(phi, weighting, v_student.numel() // batch, factor)
-    return _guided_loss_op(v_student, v_cond.detach(), v_uncond.detach(), wp1, w32, scale,
-                           metric, huber_c)
+    weight = row_weight64(phi, weighting, v_student.numel() // batch, factor)
+    # 1 + w formed in float64 then rounded once: (1+w) and w are each the nearest float32
+    coef = torch.stack((weight, 1.0 + w64, w64)).to(torch.float32)
+    return _guided_loss_op(v_student, v_cond.detach(), v_uncond.detach(), coef, metric,
+                           huber_c)

@@ -16,61 +16,50 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._register import launch_elementwise, per_sample, register_linear_op
 from .ddim_step import _per_sample, ddim_step_reference
-from .dispatch import BLOCK, backend_for, blocks_per_row, row_chunks, tl, triton
+from .dispatch import sample_block, tl, triton
 
 # ---------------------------------------------------------------- 1. Triton kernel
 if triton is not None:
 
     @triton.jit
-    def _pd_target_kernel(
-        z_ptr, v1_ptr, v2_ptr, cz_ptr, c1_ptr, c2_ptr, out_ptr,
-        n_per_sample, row_start,
-        BLOCK: tl.constexpr,
-    ):
-        # grid: (blocks of one sample's elements, samples)
-        row = row_start + tl.program_id(1)
-        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_per_sample
-        offs = row.to(tl.int64) * n_per_sample + cols
-        cz = tl.load(cz_ptr + row)
-        c1 = tl.load(c1_ptr + row)
-        c2 = tl.load(c2_ptr + row)
+    def pd_target_value(z_ptr, v1_ptr, v2_ptr, coef_ptr, batch, row, offs, mask):
+        """``c_z z + c_1 v_1 + c_2 v_2`` in float32 for one block of one sample (``coef``
+        rows 0-2: c_z, c_1, c_2)."""
+        cz = tl.load(coef_ptr + row)
+        c1 = tl.load(coef_ptr + batch + row)
+        c2 = tl.load(coef_ptr + 2 * batch + row)
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v1 = tl.load(v1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v2 = tl.load(v2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        out = cz * z + c1 * v1 + c2 * v2
+        return cz * z + c1 * v1 + c2 * v2
+
+    @triton.jit
+    def _pd_target_kernel(z_ptr, v1_ptr, v2_ptr, coef_ptr, out_ptr, n_per_sample, batch,
+                          row_start, BLOCK: tl.constexpr):
+        row, offs, mask = sample_block(n_per_sample, row_start, BLOCK)
+        out = pd_target_value(z_ptr, v1_ptr, v2_ptr, coef_ptr, batch, row, offs, mask)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _pd_target_triton(z: Tensor, v1: Tensor, v2: Tensor, cz: Tensor, c1: Tensor,
-                      c2: Tensor) -> Tensor:
-    z, v1, v2 = z.contiguous(), v1.contiguous(), v2.contiguous()
-    out = torch.empty_like(z)
-    batch = z.shape[0]
-    n = z.numel() // batch if batch else 0
-    if n == 0:
-        return out
-    for start, rows in row_chunks(batch):
-        _pd_target_kernel[(blocks_per_row(n), rows)](
-            z, v1, v2, cz, c1, c2, out, n, start, BLOCK=BLOCK
-        )
-    return out
+def _pd_target_triton(z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor) -> Tensor:
+    return launch_elementwise(_pd_target_kernel, (z, v1, v2), coef)
 
 
 # ---------------------------------------------------------------- 2. torch implementation
 def _pd_target_torch_f32(z: Tensor, v1: Tensor, v2: Tensor, cz: Tensor, c1: Tensor,
                          c2: Tensor) -> Tensor:
-    """The target in float32 whatever the input dtype (a fresh tensor)."""
-    out = z * _per_sample(cz, z)  # float32: the coefficients promote
-    out.addcmul_(v1, _per_sample(c1, v1))
-    out.addcmul_(v2, _per_sample(c2, v2))
+    """The target in float32 whatever the input dtype (a fresh tensor); ``cz, c1, c2``:
+    float32 per-sample coefficients shaped to broadcast (``per_sample``)."""
+    out = z * cz  # float32: the coefficients promote
+    out.addcmul_(v1, c1)
+    out.addcmul_(v2, c2)
     return out
 
 
-def _pd_target_torch(z: Tensor, v1: Tensor, v2: Tensor, cz: Tensor, c1: Tensor,
-                     c2: Tensor) -> Tensor:
-    return _pd_target_torch_f32(z, v1, v2, cz, c1, c2).to(z.dtype)
+def _pd_target_torch(z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor) -> Tensor:
+    return _pd_target_torch_f32(z, v1, v2, *per_sample(coef, z)).to(z.dtype)
 
 
 # ---------------------------------------------------------------- 3. float64 reference
@@ -88,46 +77,13 @@ def pd_target_reference(z_t: Tensor, v_1: Tensor, v_2: Tensor, phi_t, phi_mid,
 
 
 # ---------------------------------------------------------------- 4. custom op
-@torch.library.custom_op("fastdiff::pd_target", mutates_args=())
-def _pd_target_op(z: Tensor, v1: Tensor, v2: Tensor, cz: Tensor, c1: Tensor,
-                  c2: Tensor) -> Tensor:
-    """Default kernel (devices other than CPU/CUDA): the torch implementation."""
-    return _pd_target_torch(z, v1, v2, cz, c1, c2)
-
-
-@_pd_target_op.register_kernel(("cpu", "cuda"))
-def _(z: Tensor, v1: Tensor, v2: Tensor, cz: Tensor, c1: Tensor, c2: Tensor) -> Tensor:
-    if backend_for(z) == "triton":
-        return _pd_target_triton(z, v1, v2, cz, c1, c2)
-    return _pd_target_torch(z, v1, v2, cz, c1, c2)
-
-
-@_pd_target_op.register_fake
-def _(z: Tensor, v1: Tensor, v2: Tensor, cz: Tensor, c1: Tensor, c2: Tensor) -> Tensor:
-    return torch.empty_like(z, memory_format=torch.contiguous_format)
-
-
-def _pd_setup(ctx, inputs, output):
-    z, v1, v2, cz, c1, c2 = inputs
-    ctx.save_for_backward(cz, c1, c2)
-    ctx.dtypes = (z.dtype, v1.dtype, v2.dtype)
-
-
-def _pd_backward(ctx, grad):
-    coefficients = ctx.saved_tensors
-    grads = tuple(
-        (grad * _per_sample(c, grad)).to(dtype) for c, dtype in zip(coefficients, ctx.dtypes)
-    )
-    return (*grads, None, None, None)
-
-
-_pd_target_op.register_autograd(_pd_backward, setup_context=_pd_setup)
+_pd_target_op = register_linear_op("pd_target", _pd_target_torch, _pd_target_triton)
 
 
 # ---------------------------------------------------------------- 5. public function
-def pd_coefficients(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
-                    check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """``(c_z, c_1, c_2)`` from float64 angles, formed in float64, returned as float32.
+def pd_coefficients64(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
+                      check: bool = True) -> Tensor:
+    """``(3, B)`` float64 rows ``c_z, c_1, c_2`` from float64 angles.
 
     Raises ValueError where ``phi_end == phi_t`` (sin D = 0) unless ``check`` is False
     or the call is being traced by torch.compile (a data-dependent check cannot be). The
@@ -137,17 +93,21 @@ def pd_coefficients(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
     d2 = phi_end - phi_mid
     sin_d = torch.sin(phi_end - phi_t)
     if check and sin_d.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and bool((sin_d == 0).any()):
+            and not bool(sin_d.all()):
         bad = torch.nonzero(sin_d == 0).flatten().tolist()
         raise ValueError(
             f"phi_end equals phi_t for sample(s) {bad[:8]}: a zero-length step has no "
             "v target (sin(phi_end - phi_t) = 0)"
         )
     sin_d1, sin_d2 = torch.sin(d1), torch.sin(d2)
-    c_z = sin_d1 * sin_d2 / sin_d
-    c_1 = torch.cos(d2) * sin_d1 / sin_d
-    c_2 = sin_d2 / sin_d
-    return tuple(c.to(torch.float32) for c in (c_z, c_1, c_2))
+    return torch.stack((sin_d1 * sin_d2, torch.cos(d2) * sin_d1, sin_d2)).div_(sin_d)
+
+
+def pd_coefficients(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
+                    check: bool = True) -> Tensor:
+    """``(3, B)`` float32 rows ``c_z, c_1, c_2`` (formed in float64, see
+    :func:`pd_coefficients64`, rounded once)."""
+    return pd_coefficients64(phi_t, phi_mid, phi_end, check).to(torch.float32)
 
 
 def pd_angles(z_t: Tensor, phi_t, phi_mid, phi_end) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,5 +131,4 @@ def pd_target(z_t: Tensor, v_1: Tensor, v_2: Tensor, phi_t, phi_mid, phi_end) ->
     _checks.check_like("z_t", z_t, "v_2", v_2)
     _checks.check_same_dtype("z_t", z_t, "v_1", v_1)
     _checks.check_same_dtype("z_t", z_t, "v_2", v_2)
-    cz, c1, c2 = pd_coefficients(*pd_angles(z_t, phi_t, phi_mid, phi_end))
-    return _pd_target_op(z_t, v_1, v_2, cz, c1, c2)
+    return _pd_target_op(z_t, v_1, v_2, pd_coefficients(*pd_angles(z_t, phi_t, phi_mid, phi_end)))
