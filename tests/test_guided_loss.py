@@ -17,6 +17,8 @@ from fastdiff.kernels.guided_loss import (  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+DEVICE = torch.device(os.environ.get("FASTDIFF_TEST_DEVICE", "cpu"))  # set by conftest.py
+
 HALF_PI = math.pi / 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1,), (3,), (97,), (1023,), (1024,), (1025,), (2999,), (3, 5, 7), (1, 8, 8)]
@@ -26,7 +28,7 @@ MAX_ERR: dict = {}
 
 def randn(shape, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
 angle = st.one_of(st.sampled_from([0.0, HALF_PI]), st.floats(0.0, HALF_PI))
@@ -91,7 +93,7 @@ def test_gradient_matches_float64_autograd(backend, metric, dtype):
 def test_sample_weight_scales_each_example_and_its_gradient(backend):
     """Factor k on one example scales its loss term and its gradient row by k, others not."""
     vs, vc, vu = (randn(GRAD_SHAPE, 60 + k) for k in range(3))
-    sw = torch.tensor([1.0, 0.25, 3.0, 0.0])
+    sw = torch.tensor([1.0, 0.25, 3.0, 0.0], device=DEVICE)
     x, x1 = vs.clone().requires_grad_(), vs.clone().requires_grad_()
     weighted = guided_distill_loss(x, vc, vu, W, PHI, "snr_trunc", sample_weight=sw)
     plain = guided_distill_loss(x1, vc, vu, W, PHI, "snr_trunc")

@@ -27,6 +27,8 @@ from fastdiff.kernels.pd_target import pd_target_reference  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+DEVICE = torch.device(os.environ.get("FASTDIFF_TEST_DEVICE", "cpu"))  # set by conftest.py
+
 HALF_PI = math.pi / 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # norm-relative tolerance of an elementwise op's output, per dtype: float32 is the contract
@@ -49,7 +51,7 @@ PROPERTY = prop(30)
 def randn(shape, seed, dtype=torch.float32):
     """Fresh standard-normal data (never zeros), deterministic in ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
 def rel_err(out, ref):

@@ -33,6 +33,8 @@ from fastdiff.kernels.pd_target import pd_target_reference  # noqa: E402
 from fastdiff.kernels.sfd_loss import sfd_loss_reference  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+DEVICE = torch.device(os.environ.get("FASTDIFF_TEST_DEVICE", "cpu"))  # set by conftest.py
+
 
 def pd_step(v_student, z_t, v_1, v_2, phi_t, phi_mid, phi_end):
     z_mid = ddim_step(z_t, v_1, phi_t, phi_mid)
@@ -53,7 +55,7 @@ def run(fn, inputs):
 def test_compile_fullgraph_matches_eager(monkeypatch):
     g = torch.Generator().manual_seed(0)
     shape = (3, 2, 5, 7)
-    tensors = [torch.randn(shape, generator=g) for _ in range(4)]
+    tensors = [torch.randn(shape, generator=g).to(DEVICE) for _ in range(4)]
     phi_t = torch.tensor([math.pi / 2, 0.8, 0.1], dtype=torch.float64)
     angles = [phi_t, phi_t - 0.05, (phi_t - 0.1).clamp_min(0.0)]
     inputs = (*tensors, *angles)
@@ -61,7 +63,8 @@ def test_compile_fullgraph_matches_eager(monkeypatch):
     monkeypatch.setenv("FASTDIFF_KERNELS", "torch")
     eager = run(pd_step, inputs)
     compiled_fn = torch.compile(pd_step, fullgraph=True)
-    backends = ["torch"] + (["triton"] if triton is not None and TRITON_INTERPRETED else [])
+    backends = ["torch"] + (["triton"] if triton is not None and (
+        TRITON_INTERPRETED or DEVICE.type == "cuda") else [])
     for backend in backends:
         monkeypatch.setenv("FASTDIFF_KERNELS", backend)
         compiled = run(compiled_fn, inputs)

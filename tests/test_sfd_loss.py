@@ -14,6 +14,8 @@ from fastdiff.kernels.sfd_loss import sfd_loss, sfd_loss_reference  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+DEVICE = torch.device(os.environ.get("FASTDIFF_TEST_DEVICE", "cpu"))  # set by conftest.py
+
 HALF_PI = math.pi / 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1,), (3,), (97,), (1023,), (1024,), (1025,), (2999,), (3, 5, 7), (1, 8, 8)]
@@ -23,7 +25,7 @@ MAX_ERR: dict = {}
 
 def randn(shape, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
 angle = st.one_of(st.sampled_from([0.0, HALF_PI]), st.floats(0.0, HALF_PI))
