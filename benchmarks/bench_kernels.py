@@ -13,7 +13,10 @@ Providers, run side by side for each (op, size, dtype):
 
 Every provider computes everything from the same inputs (tensors and float64 angles),
 including the per-sample coefficients. ``extra_info["GBps"]`` is the fewest bytes the op
-must move divided by the fastest call, and ``frac_copy`` its fraction of the copy ceiling:
+must move divided by the median call, and ``frac_copy`` its fraction of the copy ceiling.
+The selected providers of one (op, size, dtype) are timed interleaved (A B C A B C ...) in
+one process on the same inputs; each record carries min, median, spread (max/min), repeats
+and the load average before and after (DESIGN §5). Bytes moved per op:
 
 * ddim_step: read z, v; write z_to                      -> 3 N elements
 * pd_target: read z, v1, v2; write target               -> 4 N
@@ -148,22 +151,31 @@ def make_inputs(op: str, shape, dtype: torch.dtype, seed: int = 0):
     return tensors, phis
 
 
-_COMPILED: dict = {}
+_COMPILED: dict = {}  # this group's compiled artefacts (cleared when the group changes)
 
 
-def _patch_compiled_torch_path(monkeypatch, size, dn):
-    """The proposed kernels/ change, applied for one benchmark: the op's CPU torch
-    implementations (looked up as module globals at each call) become torch.compile'd."""
+def _proposed(op, size, dn):
+    """The proposed kernels/ change, for one call at a time: the op's CPU torch
+    implementations (looked up as module globals at each call) swapped for
+    torch.compile'd ones during the call, so the interleaved `fastdiff` provider keeps
+    the shipped path."""
     mod = importlib.import_module("fastdiff.kernels.fused_pd_loss")  # the module, not the op
-
     key = ("proposed", size, dn)
     if key not in _COMPILED:
-        _COMPILED.clear()
         _COMPILED[key] = (torch.compile(mod._fused_pd_loss_torch, dynamic=False),
                           torch.compile(mod._fused_pd_loss_backward_torch, dynamic=False))
     fwd, bwd = _COMPILED[key]
-    monkeypatch.setattr(mod, "_fused_pd_loss_torch", fwd)
-    monkeypatch.setattr(mod, "_fused_pd_loss_backward_torch", bwd)
+    shipped = (mod._fused_pd_loss_torch, mod._fused_pd_loss_backward_torch)
+    op_fn = OPS[op][0]
+
+    def fn(*args):
+        mod._fused_pd_loss_torch, mod._fused_pd_loss_backward_torch = fwd, bwd
+        try:
+            return op_fn(*args)
+        finally:
+            mod._fused_pd_loss_torch, mod._fused_pd_loss_backward_torch = shipped
+
+    return fn
 
 
 def _loss_and_grad_f32(vs, z, v1, v2, cz, c1, c2, scale):
@@ -198,7 +210,6 @@ def _one_pass_fused_pd_loss(size, dn):
 
     key = ("proposed-1pass", size, dn)
     if key not in _COMPILED:
-        _COMPILED.clear()
         _COMPILED[key] = torch.compile(_loss_and_grad_f32, dynamic=False)
     compiled = _COMPILED[key]
 
@@ -214,43 +225,64 @@ def _one_pass_fused_pd_loss(size, dn):
 def _callable(op, provider, size, dn):
     if provider == "proposed-1pass":
         return _one_pass_fused_pd_loss(size, dn)
+    if provider == "proposed":
+        return _proposed(op, size, dn)
     fastdiff_fn, eager_fn = OPS[op][0], OPS[op][1]
-    if provider in ("fastdiff", "proposed"):
+    if provider == "fastdiff":
         return fastdiff_fn
     if provider == "eager":
         return eager_fn
     key = (op, size, dn)
     if key not in _COMPILED:
-        _COMPILED.clear()  # one live compiled artefact at a time (memory)
         _COMPILED[key] = torch.compile(eager_fn, dynamic=False)
     return _COMPILED[key]
 
 
-@pytest.mark.parametrize("op,size,dtype_name,provider", list(_cases()))
-def bench_kernel(benchmark, record, quick, monkeypatch, op, size, dtype_name, provider):
+_GROUPS: dict = {}
+
+
+def _measure_group(op: str, size: str, dtype_name: str, providers: list, quick: bool) -> dict:
+    """The selected providers of one (op, size, dtype) on the same inputs, timed
+    interleaved (A B C A B C ...) after each has compiled and warmed up; {provider: figure}."""
+    key = (op, size, dtype_name, tuple(providers))
+    if key in _GROUPS:
+        return _GROUPS[key]
+    _GROUPS.clear()
+    _COMPILED.clear()  # one group's compiled artefacts alive at a time (memory)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    if provider == "proposed":
-        _patch_compiled_torch_path(monkeypatch, size, dtype_name)
-    shape = SIZES[size]
-    tensors, phis = make_inputs(op, shape, dtype)
-    fn = _callable(op, provider, size, dtype_name)
+    tensors, phis = make_inputs(op, SIZES[size], dtype)
     needs_grad = OPS[op][3]
+    calls = {}
+    for provider in providers:
+        fn = _callable(op, provider, size, dtype_name)
+        if needs_grad:
+            def call(fn=fn):
+                loss = fn(*tensors, *phis)
+                return torch.autograd.grad(loss, tensors[0])[0]
+        else:
+            def call(fn=fn):
+                with torch.no_grad():
+                    return fn(*tensors, *phis)
+        call()  # compile (for "compile" and the proposals) and warm up, untimed
+        calls[provider] = common.synced(call)
+    figures = common.interleaved(calls, reps=common.MIN_REPS if quick else 7,
+                                 target_s=0.05, warmup=1)
+    _GROUPS[key] = figures
+    return figures
 
-    if needs_grad:
-        def call():
-            loss = fn(*tensors, *phis)
-            return torch.autograd.grad(loss, tensors[0])[0]
-    else:
-        def call():
-            with torch.no_grad():
-                return fn(*tensors, *phis)
 
-    call()  # compile (for "compile") and warm up, outside the timed region
-    common.run_pedantic(benchmark, call, quick=quick)
-    numel = math.prod(shape)
+@pytest.mark.parametrize("op,size,dtype_name,provider", list(_cases()))
+def bench_kernel(benchmark, record, quick, request, op, size, dtype_name, provider):
+    group = [p["provider"] for p in common.selected_params(request, "bench_kernel")
+             if (p["op"], p["size"], p["dtype_name"]) == (op, size, dtype_name)]
+    fig = _measure_group(op, size, dtype_name, group or [provider], quick)[provider]
+    common.feed_benchmark(benchmark, fig["times_s"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    numel = math.prod(SIZES[size])
     moved = OPS[op][4] * numel * torch.finfo(dtype).bits // 8
-    best = benchmark.stats.stats.min
     record(kind="kernel", op=op, provider=provider, size=size, numel=numel, dtype=dtype_name,
-           min_bytes=moved, GBps=moved / best / common.GB)
+           min_bytes=moved, GBps=moved / fig["median_s"] / common.GB, group=group,
+           **{k: fig[k] for k in ("min_s", "median_s", "max_s", "spread", "reps", "iters",
+                                  "loadavg_before", "loadavg_after")})
     copy_gbps = benchmark.extra_info["ceilings"]["copy_GBps"]
     benchmark.extra_info["frac_copy"] = benchmark.extra_info["GBps"] / copy_gbps

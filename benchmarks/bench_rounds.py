@@ -13,7 +13,13 @@ of every provider alike). Providers, side by side for each U-Net:
 * ``fastdiff-cl-{fp32,bf16}``: a candidate fix measured here: both U-Nets and z_t in
   channels_last memory format (oneDNN's preferred layout on CPU, cuDNN's for bf16).
 
-extra_info: ``samples_per_s`` (batch / fastest update), ``flops_per_update`` (counted once
+Timing (DESIGN §5): the first selected case of a model builds every selected provider of
+that model from the same weights and times them interleaved (A B C A B C ...) in this
+process, each timing a few consecutive updates; every case then records its own provider's
+``min_s``, ``median_s``, ``max_s``, ``spread`` (max/min), ``reps`` and the load average
+before and after the whole measurement (pytest-benchmark's stats are those same repeats).
+
+extra_info: ``samples_per_s`` (batch / median update), ``flops_per_update`` (counted once
 with torch.utils.flop_counter on an eager fp32 update: teacher ×2 forward, student forward
 and backward), ``model_TFLOPs`` and ``frac_matmul`` (fraction of the fp32 or bf16 matmul
 ceiling, by the config's autocast), ``loss`` (first update from the same weights and batch,
@@ -122,27 +128,58 @@ def _make_update(model: str, provider: str, batch):
     return (lambda: step(batch)), amp
 
 
-@pytest.mark.parametrize("model,provider", list(_cases()))
-def bench_round(benchmark, record, quick, ceilings, model, provider):
-    batch_size = 16 if quick else _batch_size(model)
+_GROUPS: dict = {}
+
+
+def _measure_group(model: str, providers: list, batch_size: int, quick: bool) -> dict:
+    """Every selected provider of `model`, built from the same weights, timed interleaved
+    (A B C A B C ...) in this process; {provider: figure}."""
+    key = (model, batch_size, tuple(providers))
+    if key in _GROUPS:
+        return _GROUPS[key]
+    _GROUPS.clear()  # one model's providers alive at a time (memory)
     teacher, _ = build_pair(model, common.device())
     batch = random_batch(teacher, batch_size, STUDENT_STEPS, seed=1, device=common.device())
     del teacher
     flops = _count_flops(model, batch, warmup=1 if quick else 4)
-    update, amp = _make_update(model, provider, batch)
-    if isinstance(update, PDStep):
-        step = update
-        update = lambda: step(batch)  # noqa: E731
-    first_loss = float(update())  # from the shared initial weights; compiles if asked
-    update()
-    common.run_pedantic(benchmark, update, quick=quick, round_s=0.0,
-                        rounds=2 if quick else (5 if model == "demo" else 3))
-    best = benchmark.stats.stats.min
-    peak, peak_kind = common.peak_memory(update)
-    rate = flops / best
-    ceiling = ceilings.get(f"matmul_{amp}_TFLOPs", ceilings["matmul_fp32_TFLOPs"])
-    record(kind="round", model=model, provider=provider, batch=batch_size, autocast=amp,
-           size=f"{model} B={batch_size}", samples_per_s=batch_size / best,
-           flops_per_update=flops, model_TFLOPs=rate / common.TFLOP,
-           frac_matmul=rate / common.TFLOP / ceiling, loss=first_loss,
-           peak_mem_MiB=peak, peak_mem_kind=peak_kind)
+    updates, info = {}, {}
+    for provider in providers:
+        update, amp = _make_update(model, provider, batch)
+        if isinstance(update, PDStep):
+            update = (lambda step: lambda: step(batch))(update)
+        first_loss = float(update())  # from the shared initial weights; compiles if asked
+        update()
+        updates[provider] = common.synced(update)
+        info[provider] = {"autocast": amp, "loss": first_loss}
+    reps = common.MIN_REPS if quick else (5 if model == "demo" else 3)
+    figures = common.interleaved(updates, reps=reps, target_s=0.05 if quick else 0.2,
+                                 warmup=0, max_iters=20)
+    for provider, update in updates.items():
+        peak, peak_kind = common.peak_memory(update)
+        figures[provider] |= info[provider] | {"flops": flops, "peak_mem_MiB": peak,
+                                               "peak_mem_kind": peak_kind}
+    _GROUPS[key] = figures
+    return figures
+
+
+@pytest.mark.parametrize("model,provider", list(_cases()))
+def bench_round(benchmark, record, quick, ceilings, request, model, provider):
+    batch_size = 16 if quick else _batch_size(model)
+    group = [p["provider"] for p in common.selected_params(request, "bench_round")
+             if p["model"] == model]
+    fig = _measure_group(model, group or [provider], batch_size, quick)[provider]
+    common.feed_benchmark(benchmark, fig["times_s"])
+    median = fig["median_s"]
+    rate = fig["flops"] / median
+    ceiling = ceilings.get(f"matmul_{fig['autocast']}_TFLOPs", ceilings["matmul_fp32_TFLOPs"])
+    record(kind="round", model=model, provider=provider, batch=batch_size,
+           autocast=fig["autocast"], size=f"{model} B={batch_size}",
+           samples_per_s=batch_size / median, flops_per_update=fig["flops"],
+           model_TFLOPs=rate / common.TFLOP, frac_matmul=rate / common.TFLOP / ceiling,
+           loss=fig["loss"], peak_mem_MiB=fig["peak_mem_MiB"],
+           peak_mem_kind=fig["peak_mem_kind"], group=group,
+           **{k: fig[k] for k in _TIMING_KEYS})
+
+
+_TIMING_KEYS = ("min_s", "median_s", "max_s", "spread", "reps", "iters", "loadavg_before",
+                "loadavg_after")

@@ -13,7 +13,9 @@ Environment knobs (all optional):
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import time
 
 import torch
@@ -96,15 +98,131 @@ def synced(fn):
     return call
 
 
-def run_pedantic(benchmark, fn, *, quick: bool, round_s: float = 0.05, rounds: int | None = None):
-    """Time `fn` with pytest-benchmark: one warm-up, then `rounds` rounds of as many
-    iterations as fit in ~`round_s` seconds. Statistics are seconds per call."""
-    fn = synced(fn)
-    per_call = time_call(fn, repeat=2)
-    iterations = max(1, min(1000, int(round_s / max(per_call, 1e-7))))
-    if rounds is None:
-        rounds = 3 if quick else (3 if per_call > 0.2 else 7)
-    return benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+# ---------------------------------------------------------------- interleaved timing
+#: DESIGN §5: a figure is trusted only when its max/min over repeats is below this ...
+NOISY_SPREAD = 1.3
+#: ... and it has at least this many repeats (two repeats cannot show their own noise).
+MIN_REPS = 3
+
+
+class Clock:
+    """Seconds per call of `fn` over `iters` back-to-back calls: CUDA events on a GPU,
+    perf_counter (after the call returns) on CPU. Tests hand `interleaved` a fake one."""
+
+    def __init__(self, cuda: bool | None = None):
+        self.cuda = is_cuda() if cuda is None else cuda
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def per_call(self, fn, iters: int = 1) -> float:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
+
+
+def summarise(ts: list) -> dict:
+    """min, median, max and spread (max / min) of repeated timings (seconds)."""
+    if not ts:
+        return {"min_s": math.nan, "median_s": math.nan, "max_s": math.nan,
+                "spread": math.inf, "reps": 0}
+    lo, hi = min(ts), max(ts)
+    return {"min_s": lo, "median_s": statistics.median(ts), "max_s": hi,
+            "spread": hi / lo if lo > 0 else math.inf, "reps": len(ts)}
+
+
+def interleaved(providers: dict, *, reps: int, target_s: float = 0.0, max_iters: int = 1000,
+                warmup: int = 2, clock=None, iters: dict | None = None) -> dict:
+    """Time providers A B C A B C ... for `reps` rounds in this process (DESIGN §5).
+
+    providers: {name: fn()}. Each provider is first called `warmup` times (all of A, then
+    all of B, ...); each timing then averages as many back-to-back calls as fill about
+    `target_s` seconds (at least one; `iters` fixes the count per name). clock: an object
+    with ``per_call(fn, iters)`` and ``sync()`` (default: `Clock()`).
+
+    Returns {name: {min_s, median_s, max_s, spread, reps, iters, times_s, loadavg_before,
+    loadavg_after}}: seconds per call; the load averages bracket the whole measurement.
+    """
+    clock = clock or Clock()
+    before = loadavg()
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    clock.sync()
+    counts = dict(iters or {})
+    for name, fn in providers.items():
+        if name in counts:
+            continue
+        if target_s > 0:
+            one = max(clock.per_call(fn, 1), 1e-7)
+            counts[name] = int(min(max_iters, max(1, target_s / one)))
+        else:
+            counts[name] = 1
+    times: dict = {name: [] for name in providers}
+    for _ in range(reps):
+        for name, fn in providers.items():
+            times[name].append(clock.per_call(fn, counts[name]))
+    after = loadavg()
+    return {name: summarise(ts) | {"iters": counts[name], "times_s": list(ts),
+                                   "loadavg_before": before, "loadavg_after": after}
+            for name, ts in times.items()}
+
+
+def trusted(figure: dict) -> bool:
+    """A timing may be quoted: enough repeats and a spread (max/min) under NOISY_SPREAD."""
+    spread = figure.get("spread", math.inf)
+    return (figure.get("reps", 0) >= MIN_REPS and spread is not None
+            and math.isfinite(spread) and spread < NOISY_SPREAD)
+
+
+def verdict(figures: dict, ok: bool) -> str:
+    """"MET" / "MISSED" for a target judged on `figures` ({provider: timing summary}), but
+    only when every one of them is `trusted`; otherwise "noisy: rerun (...)" naming them."""
+    bad = [f"{name} spread {_spread_text(f)} over {f.get('reps', 0)} reps"
+           for name, f in figures.items() if not trusted(f)]
+    if bad:
+        return "noisy: rerun (" + "; ".join(bad) + ")"
+    return "MET" if ok else "MISSED"
+
+
+def _spread_text(figure: dict) -> str:
+    spread = figure.get("spread")
+    return "?" if spread is None else f"{spread:.2f}"
+
+
+def feed_benchmark(benchmark, times_s: list) -> None:
+    """Give pytest-benchmark the interleaved per-call timings of one provider, so that the
+    JSON's ``stats`` (min, median, max, rounds) are these very repeats. Uses the fixture's
+    `_make_stats` (pytest-benchmark 4-5: the one way to add measured rounds)."""
+    if getattr(benchmark, "disabled", False):
+        return
+    stats = benchmark._make_stats(1)
+    for t in times_s:
+        stats.update(t)
+
+
+def selected_params(request, function: str) -> list[dict]:
+    """The parameters of this session's selected, not skip-marked items of bench function
+    `function` (after -m/-k deselection): the providers to interleave in one group."""
+    out = []
+    for item in request.session.items:
+        if getattr(item, "originalname", None) != function or not hasattr(item, "callspec"):
+            continue
+        if item.get_closest_marker("skip") is not None:
+            continue
+        out.append(dict(item.callspec.params))
+    return out
 
 
 # ---------------------------------------------------------------- ceilings

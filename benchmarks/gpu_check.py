@@ -57,6 +57,15 @@ import time
 import traceback
 from pathlib import Path
 
+# the one interleaved timing helper of the suite (torch is imported, Triton is not)
+from benchmarks.common import (  # noqa: E402
+    NOISY_SPREAD,
+    Clock,
+    interleaved,
+    loadavg,
+    summarise,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 _REEXEC_FLAG = "_FASTDIFF_GPU_CHECK_REEXEC"
 
@@ -81,7 +90,6 @@ TOL = {
     "bfloat16": {"tensor": EPS["bfloat16"], "loss": 1e-5},
     "float16": {"tensor": EPS["float16"], "loss": 1e-5},
 }
-NOISY_SPREAD = 1.3  # DESIGN §5: a figure is trusted only when max/min < 1.3
 STEP_COUNTS = (1, 2, 3, 4, 7, 64, 1000, 4096, 8192)
 HALF_PI = math.pi / 2
 
@@ -127,69 +135,6 @@ class Budget:
 
     def left(self) -> float:
         return self.total - self.elapsed()
-
-
-class Clock:
-    """Seconds per call of `fn` over `iters` back-to-back calls: CUDA events on a GPU,
-    perf_counter (after the call returns) on CPU."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def sync(self):
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-
-    def per_call(self, fn, iters: int = 1) -> float:
-        import torch
-
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / iters
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) / iters
-
-
-def interleaved(clock: Clock, providers: dict, *, reps: int, target_s: float,
-                max_iters: int = 1000, warmup: int = 2) -> dict:
-    """Time providers A B C A B C ... `reps` rounds; each timing averages as many calls as
-    fill ~`target_s`. Returns {name: {min_s, median_s, max_s, spread, reps}}."""
-    for fn in providers.values():
-        for _ in range(warmup):
-            fn()
-    clock.sync()
-    iters = {}
-    for name, fn in providers.items():
-        one = max(clock.per_call(fn, 1), 1e-7)
-        iters[name] = int(min(max_iters, max(1, target_s / one)))
-    times: dict = {name: [] for name in providers}
-    for _ in range(reps):
-        for name, fn in providers.items():
-            times[name].append(clock.per_call(fn, iters[name]))
-    return {name: summarise(ts) | {"iters": iters[name]} for name, ts in times.items()}
-
-
-def summarise(ts: list) -> dict:
-    lo, hi = min(ts), max(ts)
-    return {"min_s": lo, "median_s": statistics.median(ts), "max_s": hi,
-            "spread": hi / lo if lo > 0 else math.inf, "reps": len(ts)}
-
-
-def loadavg() -> list:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return []
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -239,7 +184,7 @@ class Report:
               "Verdicts: PASS / FAIL (an accuracy error above its tolerance, or a check that "
               "raised; the exit status is 1) / WARN (outside tolerance on a path no check "
               "here promises: read, not failed) / SKIP(reason) / OK (a timing with spread "
-              "<= 1.3) / noisy (a timing with spread > 1.3: not to be quoted) / INFO.", ""]
+              "< 1.3) / noisy (a timing with spread >= 1.3: not to be quoted) / INFO.", ""]
         for title, header, rows, notes in self.sections:
             md += [f"## {title}", ""]
             if notes:
@@ -315,8 +260,8 @@ def check_environment(rep: Report, cfg: dict) -> dict:
     n_bytes = cfg["copy_bytes"]
     src = torch.ones(n_bytes // 4, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
-    t = interleaved(clock, {"copy": lambda s=src, d=dst: d.copy_(s)}, reps=cfg["ceiling_reps"],
-                    target_s=cfg["target_s"], max_iters=50)["copy"]
+    t = interleaved(clock=clock, providers={"copy": lambda s=src, d=dst: d.copy_(s)},
+                    reps=cfg["ceiling_reps"], target_s=cfg["target_s"], max_iters=50)["copy"]
     ceilings["copy_GBps"] = 2 * n_bytes / t["min_s"] / 1e9
     ceilings["copy_spread"] = t["spread"]
     del src, dst
@@ -328,8 +273,8 @@ def check_environment(rep: Report, cfg: dict) -> dict:
         name = str(dtype).split(".")[-1]
         a = torch.randn(n, n, device=dev).to(dtype)
         b = torch.randn(n, n, device=dev).to(dtype)
-        t = interleaved(clock, {"mm": lambda a=a, b=b: a @ b}, reps=cfg["ceiling_reps"],
-                        target_s=cfg["target_s"], max_iters=20)["mm"]
+        t = interleaved(clock=clock, providers={"mm": lambda a=a, b=b: a @ b},
+                        reps=cfg["ceiling_reps"], target_s=cfg["target_s"], max_iters=20)["mm"]
         rate = 2 * n**3 / t["min_s"] / 1e12
         ceilings[f"matmul_{name}_TFLOPs"] = rate
         ceilings[f"matmul_{name}_spread"] = t["spread"]
@@ -345,7 +290,7 @@ def check_environment(rep: Report, cfg: dict) -> dict:
 
 
 def _timing_verdict(spread: float) -> str:
-    return "OK" if spread <= NOISY_SPREAD else "noisy"
+    return "OK" if spread < NOISY_SPREAD else "noisy"
 
 
 # ---------------------------------------------------------------- 2. accuracy
@@ -959,7 +904,7 @@ def check_speed(rep: Report, cfg: dict, ceilings: dict) -> None:
               "torch.compile(eager, dynamic=False), compiled outside the timed region. "
               "fastdiff / compile > 1: fastdiff is faster. Timed with "
               f"{'CUDA events' if cfg['cuda'] else 'perf_counter'}, providers interleaved; "
-              "verdict noisy when any provider's max/min > 1.3.")
+              "verdict noisy when any provider's max/min >= 1.3.")
     figures = []
     rep.data["speed"] = figures
     clock = Clock(cfg["cuda"])
@@ -991,7 +936,7 @@ def check_speed(rep: Report, cfg: dict, ceilings: dict) -> None:
                 p = fig["providers"]
                 spreads = "/".join(f"{p[k]['spread']:.2f}" for k in ("fastdiff", "eager",
                                                                       "compile"))
-                noisy = max(p[k]["spread"] for k in p) > NOISY_SPREAD
+                noisy = max(p[k]["spread"] for k in p) >= NOISY_SPREAD
                 rep.line(rows, "speed", name,
                          [f"{p['fastdiff']['GBps']:.1f} ({p['fastdiff']['frac_copy']:.2f})",
                           f"{p['eager']['GBps']:.1f}", f"{p['compile']['GBps']:.1f}",
@@ -1029,8 +974,9 @@ def _speed_one(op: str, tensors: list, angles: dict, cfg: dict, clock: Clock,
     provider(compiled)()  # compile outside the timed region
     clock.sync()
     compile_s = time.perf_counter() - t0
-    timings = interleaved(clock, {"fastdiff": provider(fast), "eager": provider(eager),
-                                  "compile": provider(compiled)},
+    timings = interleaved(clock=clock, providers={"fastdiff": provider(fast),
+                                                  "eager": provider(eager),
+                                                  "compile": provider(compiled)},
                           reps=cfg["speed_reps"], target_s=cfg["target_s"])
     moved = n_tensors * args[0].numel() * args[0].element_size()
     for t in timings.values():
@@ -1156,7 +1102,7 @@ def check_pd_update(rep: Report, cfg: dict, ceilings: dict) -> None:
             continue
         rep.data["pd_update"].append(fig)
         n, f = fig["naive"], fig["fastdiff"]
-        noisy = max(n["spread"], f["spread"]) > NOISY_SPREAD
+        noisy = max(n["spread"], f["spread"]) >= NOISY_SPREAD
         rep.line(rows, "pd_update", label,
                  [f"{n['median_s'] * 1e3:.1f}", f"{f['median_s'] * 1e3:.1f}",
                   f"{n['median_s'] / f['median_s']:.2f}x",
@@ -1385,11 +1331,11 @@ def _check_cuda_graph_sampling(rep: Report, rows: list, cfg: dict, model) -> Non
     warm_s = time.perf_counter() - t0
     x_eager = sample(model, noise, 8, cond=cond)
     err = float((x_graph.double() - x_eager.double()).norm() / x_eager.double().norm())
-    times = interleaved(clock, {"eager": lambda: sample(model, noise, 8, cond=cond),
+    times = interleaved(clock=clock, providers={"eager": lambda: sample(model, noise, 8, cond=cond),
                                 "graphs": lambda: sample(graphed, noise, 8, cond=cond)},
                         reps=5, target_s=0.02, max_iters=20, warmup=1)
     speedup = times["eager"]["min_s"] / times["graphs"]["min_s"]
-    noisy = max(t["spread"] for t in times.values()) > NOISY_SPREAD
+    noisy = max(t["spread"] for t in times.values()) >= NOISY_SPREAD
     verdict = ("noisy" if noisy else "PASS") if err < 1e-3 else f"FAIL(differs {err:.1e})"
     rep.line(rows, "defaults", name,
              [f"8 DDIM steps, batch 256 demo U-Net: {times['eager']['min_s'] * 1e3:.2f} ms "

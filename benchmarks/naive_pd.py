@@ -83,3 +83,53 @@ def naive_update(student, teacher, optimizer, z_t, t, student_steps: int, cond=N
         torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     optimizer.step()
     return loss
+
+
+def naive_round(teacher, examples, labels, *, student_steps: int, updates: int,
+                batch_size: int, lr: float, ema_decay: float = 0.995, grad_clip: float = 1.0,
+                label_dropout: float = 0.1, seed: int = 0, eval_every: int = 0,
+                measure=None):
+    """One PD round as a plain eager loop: the student starts as a copy of the teacher,
+    AdamW (betas 0.9, 0.99), the LR decayed linearly to 0 over the round (the paper's
+    recipe), gradient clipping, an EMA of the weights updated parameter by parameter, every
+    batch drawn with torch.randint / torch.randn from one generator (labels dropped to the
+    null class -1 with probability `label_dropout`).
+
+    measure: `measure(ema_model) -> float`, taken every `eval_every` updates and at the end,
+    outside the training clock. Returns (ema model, curve) with curve a list of
+    (updates done, training seconds so far, measured value).
+    """
+    import copy
+    import time
+
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / updates))
+    gen = torch.Generator().manual_seed(seed)
+    n = examples.shape[0]
+    curve, trained = [], 0.0
+    t0 = time.perf_counter()
+    for k in range(updates):
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        i = torch.randint(1, student_steps + 1, (batch_size,), generator=gen)
+        t = i.float() / student_steps
+        x = examples[idx]
+        z_t = noisy(x, torch.randn(x.shape, generator=gen), t)
+        cond = {}
+        if labels is not None:
+            y = labels[idx].clone()
+            y[torch.rand(batch_size, generator=gen) < label_dropout] = -1
+            cond = {"y": y}
+        naive_update(student, teacher, opt, z_t, t, student_steps, cond, grad_clip)
+        sched.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), student.parameters()):
+                p_ema.mul_(ema_decay).add_(p, alpha=1 - ema_decay)
+        done = k + 1
+        if measure is not None and ((eval_every and done % eval_every == 0)
+                                    or done == updates):
+            trained += time.perf_counter() - t0
+            curve.append((done, trained, float(measure(ema))))
+            t0 = time.perf_counter()
+    return ema, curve
