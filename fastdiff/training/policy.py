@@ -1,0 +1,404 @@
+"""The "auto" precision / compile policy for a round's frozen teacher and its student.
+
+A distillation update costs about two teacher forwards plus one student forward and
+backward (DESIGN §5). Which levers pay depends on the machine and on the round's length, so
+they are decided, not assumed (issue 14 item 3):
+
+* on CUDA from the device: bf16 autocast for both networks where the GPU has bf16,
+  contiguous memory format, and torch.compile only when the round is long enough that the
+  expected saving covers the compile time;
+* on CPU from a short measurement on the real models at the round's batch: a few interleaved
+  teacher forwards in fp32, bf16 autocast (only where the CPU has native bf16, or when
+  asked) and channels_last, and student forward + backward the same way; a variant is taken
+  only when it is faster than fp32 by a margin, its timing is not noisy (max/min < 1.3), and,
+  for the teacher, its output stays within `bf16_tolerance` relative RMS of fp32's. A
+  compile is chosen only when `updates x calls x (eager - expected compiled time)` exceeds
+  its expected compile time: a ~25 s compile is never spent on a round that would save
+  less.
+
+Every choice can be forced (`Policy(teacher_bf16=False)`, or a dict of the same names).
+`decide` returns the resolved `Policy` and a record (a JSON-able dict) of what was
+measured and why each choice was made, for the run's history.
+
+The compiled speed-ups cannot be measured without paying the compile, so they are priors
+(`COMPILE_PRIORS`), recorded as such: on this project's CPU (AMD EPYC, torch 2.13) a frozen,
+compiled demo U-Net forward was 1.41x eager fp32 after 25 s of compiling, compiled bf16
+0.94x (0.78x eager bf16), and a compiled student step 1.04x after 51 s (DESIGN §5). Give
+measured ones for another machine through `compile_speedup=` and `compile_s=`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+FIELDS = ("teacher_compile", "teacher_bf16", "teacher_channels_last",
+          "student_compile", "student_bf16", "student_channels_last")
+
+#: expected compiled speed over eager of the same precision and layout, by device, role and
+#: precision (priors: see the module docstring)
+COMPILE_PRIORS = {
+    "cpu": {"teacher": {"fp32": 1.41, "bf16": 0.78}, "student": {"fp32": 1.04, "bf16": 1.0}},
+    "cuda": {"teacher": {"fp32": 1.2, "bf16": 1.2}, "student": {"fp32": 1.1, "bf16": 1.1}},
+}
+#: expected seconds to compile (first call), by device and role
+COMPILE_SECONDS = {"cpu": {"teacher": 25.0, "student": 51.0},
+                   "cuda": {"teacher": 60.0, "student": 90.0}}
+NOISY_SPREAD = 1.3
+MARGIN = 0.05          # a variant must be >= 5% faster than fp32 to be taken
+BF16_TOLERANCE = 2e-2  # relative RMS of the bf16 teacher's output against fp32's
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Precision and compile choices for the teacher and the student. In a request, None
+    means "decide"; `decide` returns one with every field a bool.
+
+    teacher_compile: torch.compile the frozen teacher for inference (Inductor weight
+        freezing); teacher_bf16: run its forwards under bf16 autocast (its outputs are cast
+        back to float32 before the target, whose math stays float32/float64);
+    teacher_channels_last: its weights and inputs in channels_last;
+    student_compile / student_bf16 / student_channels_last: the same for the student's
+        training forward and backward.
+    """
+
+    teacher_compile: bool | None = None
+    teacher_bf16: bool | None = None
+    teacher_channels_last: bool | None = None
+    student_compile: bool | None = None
+    student_bf16: bool | None = None
+    student_channels_last: bool | None = None
+
+    @classmethod
+    def parse(cls, value) -> Policy:
+        """None / "auto" (decide everything), a Policy, or a dict of some field names."""
+        if value is None or value == "auto":
+            return cls()
+        if isinstance(value, Policy):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(FIELDS))
+            if unknown:
+                raise ValueError(f"unknown policy choices {unknown}; expected {list(FIELDS)}")
+            for name, v in value.items():
+                if v is not None and not isinstance(v, bool):
+                    raise ValueError(f"policy choice {name} must be True, False or None "
+                                     f"(decide), got {v!r}")
+            return cls(**value)
+        raise TypeError(f"policy must be None, 'auto', a Policy or a dict, got {value!r}")
+
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, f) is not None for f in FIELDS)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- timing
+def wall_timer(name: str, fn: Callable[[], object]) -> float:
+    """Seconds of one call of `fn` (the variant `name`), synchronising CUDA around it."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _summary(ts: list) -> dict:
+    lo, hi = min(ts), max(ts)
+    return {"min_s": lo, "median_s": statistics.median(ts), "max_s": hi,
+            "spread": hi / lo if lo > 0 else math.inf, "reps": len(ts)}
+
+
+def _interleaved(variants: dict, timer, reps: int, budget_s: float, clock) -> dict:
+    """Time variants A B C A B C ... (after one untimed call each, done by the caller);
+    stops after 3 rounds once `budget_s` of wall time (by `clock`) is spent."""
+    times: dict = {name: [] for name in variants}
+    t0 = clock()
+    for r in range(reps):
+        for name, fn in variants.items():
+            times[name].append(float(timer(name, fn)))
+        if r + 1 >= 3 and clock() - t0 > budget_s:
+            break
+    return {name: _summary(ts) for name, ts in times.items()}
+
+
+def _trusted(fig: dict) -> bool:
+    return fig["reps"] >= 3 and math.isfinite(fig["spread"]) and fig["spread"] < NOISY_SPREAD
+
+
+# ---------------------------------------------------------------- device facts
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: CUDA GPUs that report it; CPUs with AVX512-BF16 or AMX (oneDNN's
+    check), where bf16 autocast does not emulate bf16 with fp32 conversions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+def _autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on, or explicitly off (so that an autocast around the caller, e.g. the
+    student's, does not reach a network decided to run in fp32)."""
+    if device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _cl(x):
+    return x.contiguous(memory_format=torch.channels_last) \
+        if torch.is_tensor(x) and x.dim() == 4 else x
+
+
+def _cl_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------- running the choices
+def teacher_forward(teacher: nn.Module, policy: Policy, device=None) -> Callable:
+    """The frozen teacher as `f(z, t, **cond) -> v` (float32, contiguous) under `policy`:
+    no_grad, bf16 autocast, channels_last, torch.compile with weight freezing as chosen.
+
+    no_grad rather than inference_mode: tensors made under inference_mode cannot be saved
+    for the student's backward (the fused loss keeps its inputs), so the outputs would need a
+    clone; the teacher's parameters already have requires_grad False either way.
+    """
+    device = torch.device(device) if device is not None else _device(teacher)
+    teacher = teacher.eval().requires_grad_(False)
+    if policy.teacher_channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    net = teacher
+    if policy.teacher_compile:
+        net = torch.compile(teacher, options={"freezing": True})
+
+    def forward(z, t, **cond):
+        with torch.no_grad(), _autocast(device, bool(policy.teacher_bf16)):
+            out = net(_cl(z) if policy.teacher_channels_last else z, t, **cond)
+        return out.float().contiguous()
+
+    forward.module = teacher
+    return forward
+
+
+def student_autocast(policy: Policy, device) -> contextlib.AbstractContextManager:
+    """The autocast the student's training forward runs under."""
+    return _autocast(torch.device(device), bool(policy.student_bf16))
+
+
+def prepare_student(student: nn.Module, policy: Policy) -> nn.Module:
+    """The student moved to channels_last and/or compiled as chosen (the plain module keeps
+    its parameters: optimizer, EMA and checkpoints use `student` itself)."""
+    if policy.student_channels_last:
+        student.to(memory_format=torch.channels_last)
+    return torch.compile(student) if policy.student_compile else student
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- the decision
+def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None,
+           example: tuple, updates: int, device=None, teacher_calls: int = 2,
+           timer: Callable[[str, Callable], float] | None = None,
+           clock: Callable[[], float] = time.perf_counter, reps: int = 5,
+           budget_s: float = 3.0, compile_s: dict | None = None,
+           compile_speedup: dict | None = None, bf16_tolerance: float = BF16_TOLERANCE,
+           margin: float = MARGIN, allow_emulated_bf16: bool = False
+           ) -> tuple[Policy, dict]:
+    """Resolve `request` (None/"auto", a Policy or a dict; forced fields are kept) for a
+    round of `updates` updates, each calling the teacher `teacher_calls` times and the
+    student once (forward and backward).
+
+    example: `(args, kwargs)` of one teacher / student call at the round's batch, e.g.
+        `((z_t, t), {"y": y})` on `device`.
+    timer: `timer(name, fn) -> seconds of one call of fn`, name "<role> <variant>" such as
+        "teacher bf16" or "student fp32+channels_last" (default `wall_timer`; tests give a
+        fake one); clock: the wall clock of the measurement budget `budget_s`.
+    compile_s, compile_speedup: {"teacher": ..., "student": ...} overriding the device's
+        `COMPILE_SECONDS` and `COMPILE_PRIORS` (speed-ups by precision: {"fp32": x, "bf16": y}).
+    allow_emulated_bf16: also measure bf16 on a CPU without native bf16.
+
+    Returns (policy with every field a bool, record).
+    """
+    t_start = clock()
+    request = Policy.parse(request)
+    device = torch.device(device) if device is not None else _device(teacher)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    timer = timer or wall_timer
+    bf16_ok = native_bf16(device)
+    seconds = {**COMPILE_SECONDS[kind], **(compile_s or {})}
+    priors = {role: dict(COMPILE_PRIORS[kind][role], **((compile_speedup or {}).get(role) or {}))
+              for role in ("teacher", "student")}
+    record: dict = {"device": str(device), "native_bf16": bf16_ok, "updates": updates,
+                    "teacher_calls_per_update": teacher_calls,
+                    "torch_threads": torch.get_num_threads(),
+                    "forced": {f: getattr(request, f) for f in FIELDS
+                               if getattr(request, f) is not None},
+                    "compile_seconds_prior": seconds, "compile_speedup_prior": priors,
+                    "measured": {}, "reasons": {}}
+    chosen = dict(request.as_dict())
+    args, kwargs = example
+    for role in ("teacher", "student"):
+        keys = [f"{role}_{x}" for x in ("compile", "bf16", "channels_last")]
+        if all(chosen[k] is not None for k in keys):
+            record["reasons"][role] = "all forced"
+            continue
+        model = teacher if role == "teacher" else student
+        if model is None:
+            for k in keys:
+                chosen[k] = bool(chosen[k])
+            record["reasons"][role] = "no model given: off"
+            continue
+        calls = updates * (teacher_calls if role == "teacher" else 1)
+        if kind == "cuda":
+            _decide_cuda(role, chosen, record, bf16_ok, calls, seconds[role], priors[role])
+        else:
+            variants, outputs = _variants(role, model, device, args, kwargs, chosen,
+                                          bf16_ok or allow_emulated_bf16)
+            figs = _interleaved({f"{role} {k}": fn for k, fn in variants.items()}, timer,
+                                reps, budget_s / 2, clock)
+            figs = {k.split(" ", 1)[1]: v for k, v in figs.items()}
+            record["measured"][role] = figs
+            errors = {}
+            if role == "teacher":
+                ref = outputs["fp32"]
+                for name, out in outputs.items():
+                    errors[name] = float((out - ref).float().norm() / ref.float().norm()
+                                         .clamp_min(1e-30))
+                record["measured"]["teacher_rel_rms_vs_fp32"] = errors
+            _decide_cpu(role, chosen, record, figs, errors, calls, seconds[role],
+                        priors[role], bf16_tolerance, margin)
+    policy = Policy(**{k: bool(v) for k, v in chosen.items()})
+    record["decided"] = policy.as_dict()
+    record["measure_s"] = clock() - t_start
+    return policy, record
+
+
+def _name(bf16: bool, cl: bool) -> str:
+    return ("bf16" if bf16 else "fp32") + ("+channels_last" if cl else "")
+
+
+def _parts(name: str) -> tuple[bool, bool]:
+    return name.startswith("bf16"), name.endswith("channels_last")
+
+
+def _variants(role, model, device, args, kwargs, chosen, bf16_ok):
+    """{name: fn} to time for `role`: fp32 contiguous (the reference) and every combination
+    of the undecided precision / layout choices; and the teacher's outputs of each."""
+    forced_bf16, forced_cl = chosen[f"{role}_bf16"], chosen[f"{role}_channels_last"]
+    bf16s = [False, True] if forced_bf16 is None and bf16_ok else [bool(forced_bf16)]
+    cls = [False, True] if forced_cl is None else [bool(forced_cl)]
+    combos = [(False, False)] + [(b, c) for b in bf16s for c in cls if b or c]
+    if role == "student":   # a private copy: the measured backward passes leave no trace
+        model = copy.deepcopy(model).train().requires_grad_(True)
+    cl_model = _cl_copy(model) if any(c for _, c in combos) else None
+    variants, outputs = {}, {}
+    for bf16, cl in combos:
+        net, a = (cl_model, tuple(_cl(x) for x in args)) if cl else (model, args)
+        if role == "teacher":
+            def fn(net=net, a=a, bf16=bf16):
+                with torch.no_grad(), _autocast(device, bf16):
+                    return net(*a, **kwargs)
+        else:
+            def fn(net=net, a=a, bf16=bf16):
+                with _autocast(device, bf16):
+                    out = net(*a, **kwargs)
+                out.float().square().mean().backward()
+                for q in net.parameters():
+                    q.grad = None
+                return out.detach()
+        out = fn()   # untimed warm-up (oneDNN primitive creation, allocator)
+        if role == "teacher":
+            outputs[_name(bf16, cl)] = out.float().contiguous()
+        variants[_name(bf16, cl)] = fn
+    return variants, outputs
+
+
+def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, priors,
+                tolerance, margin) -> None:
+    r, reasons = f"{role}_", record["reasons"]
+    force = {k: chosen[r + k] for k in ("compile", "bf16", "channels_last")}
+    if not all(_trusted(f) for f in figs.values()):
+        noisy = {k: round(f["spread"], 2) for k, f in figs.items() if not _trusted(f)}
+        reasons[role] = f"noisy measurement (spread {noisy}): undecided choices off"
+        for k, v in force.items():
+            chosen[r + k] = bool(v)
+        return
+
+    def fits(name: str) -> bool:
+        bf16, cl = _parts(name)
+        return all(force[k] is None or v == force[k]
+                   for k, v in (("bf16", bf16), ("channels_last", cl)))
+
+    def t(name: str) -> float:
+        return figs[name]["median_s"]
+
+    ok = [n for n in figs if fits(n) and errors.get(n, 0.0) <= tolerance]
+    for n in figs:
+        if fits(n) and errors.get(n, 0.0) > tolerance:
+            reasons[f"{role} {n}"] = (f"output {errors[n]:.2e} relative RMS from fp32 > "
+                                      f"{tolerance:g}")
+    ok = ok or [n for n in figs if fits(n)]       # a forced variant is honoured regardless
+    best = min(ok, key=t)
+    if "fp32" in ok and t(best) >= (1 - margin) * t("fp32"):
+        best = "fp32"                             # not faster by the margin: stay exact
+    plans = {}
+    if force["compile"] is not True:
+        plans[f"eager {best}"] = calls * t(best)
+    if force["compile"] is not False:
+        for n in ok:   # compiled layouts other than the forced one are not modelled
+            if _parts(n)[1] and force["channels_last"] is not True:
+                continue
+            speed = priors.get("bf16" if _parts(n)[0] else "fp32", 1.0)
+            plans[f"compile {n}"] = compile_seconds + calls * t(n) / speed
+    pick = min(plans, key=plans.get)
+    how, name = pick.split(" ", 1)
+    bf16, cl = _parts(name)
+    chosen.update({r + "compile": how == "compile", r + "bf16": bf16,
+                   r + "channels_last": cl})
+    record.setdefault("expected_round_s", {})[role] = plans
+    others = ", ".join(f"{k} {v:.1f} s" for k, v in plans.items() if k != pick)
+    reasons[role] = (f"{pick}: expected {plans[pick]:.1f} s over {calls} calls (median "
+                     f"{t(name) * 1e3:.2f} ms/call eager vs fp32 {t('fp32') * 1e3:.2f} ms; "
+                     f"compile {compile_seconds:.0f} s)" + (f"; rather than {others}"
+                                                             if others else ""))
+
+
+def _decide_cuda(role, chosen, record, bf16_ok, calls, compile_seconds, priors) -> None:
+    """From the device: bf16 where the GPU has it, contiguous, compile by the priors and an
+    eager-time guess of 5 ms per call (unmeasured on CUDA; force it to be sure)."""
+    if chosen[f"{role}_bf16"] is None:
+        chosen[f"{role}_bf16"] = bf16_ok
+    if chosen[f"{role}_channels_last"] is None:
+        chosen[f"{role}_channels_last"] = False
+    if chosen[f"{role}_compile"] is None:
+        guess = 5e-3
+        p = "bf16" if chosen[f"{role}_bf16"] else "fp32"
+        saving = calls * guess * (1 - 1 / priors.get(p, 1.0))
+        chosen[f"{role}_compile"] = saving > compile_seconds
+        record["reasons"][role] = (f"CUDA: bf16={chosen[f'{role}_bf16']}, compile "
+                                   f"{chosen[f'{role}_compile']} (expected saving {saving:.0f}"
+                                   f" s vs {compile_seconds:.0f} s compile)")
+
+
+def with_forced(policy: Policy, **forced) -> Policy:
+    """`policy` with some choices forced (e.g. from CLI flags; None leaves one as it is)."""
+    return replace(policy, **{k: v for k, v in forced.items() if v is not None})
