@@ -54,8 +54,9 @@ def ddim(model, z, t, t_next, cond):
     return _coef(a_next, z) * x_hat + _coef(s_next / s, z) * (z - _coef(a, z) * x_hat)
 
 
-def naive_pd_loss(student, teacher, z_t, t, student_steps: int, cond=None) -> torch.Tensor:
-    """The PD loss of one batch: z_t (B, ...), t (B,) = i / N with N = student_steps."""
+def naive_target(teacher, z_t, t, student_steps: int, cond=None):
+    """Two teacher DDIM steps from z_t and the x-space target x̃ with its weight
+    max(SNR, 1): (x_target, weight), without autograd."""
     cond = cond or {}
     t = t.float()
     t1 = t - 0.5 / student_steps
@@ -68,15 +69,29 @@ def naive_pd_loss(student, teacher, z_t, t, student_steps: int, cond=None) -> to
         ratio = _coef(s2 / s, z_t)
         x_target = (z2 - ratio * z_t) / (_coef(a2, z_t) - ratio * _coef(a, z_t))
         weight = torch.clamp(a**2 / s**2, min=1.0)  # truncated SNR: max(SNR, 1)
-    x_student = x_from_v(student, z_t, t, cond)
+    return x_target, weight
+
+
+def student_loss(student, z_t, t, x_target, weight, cond=None) -> torch.Tensor:
+    """The weighted x-space MSE of the student's one step against the target."""
+    x_student = x_from_v(student, z_t, t.float(), cond or {})
     per_sample = ((x_target - x_student) ** 2).flatten(1).mean(dim=1)
     return (weight * per_sample).mean()
 
 
+def naive_pd_loss(student, teacher, z_t, t, student_steps: int, cond=None) -> torch.Tensor:
+    """The PD loss of one batch: z_t (B, ...), t (B,) = i / N with N = student_steps."""
+    x_target, weight = naive_target(teacher, z_t, t, student_steps, cond)
+    return student_loss(student, z_t, t, x_target, weight, cond)
+
+
 def naive_update(student, teacher, optimizer, z_t, t, student_steps: int, cond=None,
-                 grad_clip: float = 1.0) -> torch.Tensor:
-    """One optimizer update: loss, backward, gradient clipping, step. Returns the loss."""
-    loss = naive_pd_loss(student, teacher, z_t, t, student_steps, cond)
+                 grad_clip: float = 1.0, target=None) -> torch.Tensor:
+    """One optimizer update: loss, backward, gradient clipping, step. Returns the loss.
+    target: a precomputed (x_target, weight) of `naive_target` (the teacher is not run)."""
+    if target is None:
+        target = naive_target(teacher, z_t, t, student_steps, cond)
+    loss = student_loss(student, z_t, t, *target, cond)
     optimizer.zero_grad()
     loss.backward()
     if grad_clip:
@@ -88,7 +103,7 @@ def naive_update(student, teacher, optimizer, z_t, t, student_steps: int, cond=N
 def naive_round(teacher, examples, labels, *, student_steps: int, updates: int,
                 batch_size: int, lr: float, ema_decay: float = 0.995, grad_clip: float = 1.0,
                 label_dropout: float = 0.1, seed: int = 0, eval_every: int = 0,
-                measure=None):
+                measure=None, reuse: int = 1, teacher_fn=None):
     """One PD round as a plain eager loop: the student starts as a copy of the teacher,
     AdamW (betas 0.9, 0.99), the LR decayed linearly to 0 over the round (the paper's
     recipe), gradient clipping, an EMA of the weights updated parameter by parameter, every
@@ -98,6 +113,12 @@ def naive_round(teacher, examples, labels, *, student_steps: int, updates: int,
     measure: `measure(ema_model) -> float`, taken every `eval_every` updates and at the end,
     outside the training clock. Returns (ema model, curve) with curve a list of
     (updates done, training seconds so far, measured value).
+
+    reuse: teacher-target reuse (issue 14 item 4): a pool of `reuse` batches is drawn with
+    their teacher targets, then each is trained on `reuse` times, in a shuffled order, before
+    the pool is redrawn: the teacher runs once per `reuse` updates on average.
+    teacher_fn: what runs the teacher's forwards (e.g. a compiled copy; default `teacher`,
+    whose weights the student starts from either way).
     """
     import copy
     import time
@@ -110,7 +131,10 @@ def naive_round(teacher, examples, labels, *, student_steps: int, updates: int,
     n = examples.shape[0]
     curve, trained = [], 0.0
     t0 = time.perf_counter()
-    for k in range(updates):
+    pool: list = []
+    order: list = []
+
+    def draw():
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         i = torch.randint(1, student_steps + 1, (batch_size,), generator=gen)
         t = i.float() / student_steps
@@ -121,7 +145,24 @@ def naive_round(teacher, examples, labels, *, student_steps: int, updates: int,
             y = labels[idx].clone()
             y[torch.rand(batch_size, generator=gen) < label_dropout] = -1
             cond = {"y": y}
-        naive_update(student, teacher, opt, z_t, t, student_steps, cond, grad_clip)
+        return z_t, t, cond
+
+    run_teacher = teacher_fn if teacher_fn is not None else teacher
+    for k in range(updates):
+        if reuse <= 1:
+            z_t, t, cond = draw()
+            naive_update(student, run_teacher, opt, z_t, t, student_steps, cond, grad_clip)
+        else:
+            if not order:
+                pool = []
+                for _ in range(reuse):
+                    z_t, t, cond = draw()
+                    pool.append((z_t, t, cond, naive_target(run_teacher, z_t, t,
+                                                            student_steps, cond)))
+                order = torch.randperm(reuse * reuse, generator=gen).remainder(reuse).tolist()
+            z_t, t, cond, target = pool[order.pop()]
+            naive_update(student, run_teacher, opt, z_t, t, student_steps, cond, grad_clip,
+                         target=target)
         sched.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), student.parameters()):

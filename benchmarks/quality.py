@@ -14,6 +14,9 @@ with. Both providers train the same round from the same teacher on the same data
 
 * ``naive``: ``benchmarks.naive_pd.naive_round`` (the paper's algorithm in plain eager
   float32 PyTorch);
+* levers tried on the plain loop (``--reuse R``, ``--compiled-teacher``): teacher-target
+  reuse and a frozen, compiled teacher (compile time inside the clock), to see what they
+  would give before they are built into the runner;
 * ``fastdiff-default``: ``fastdiff.distill_round`` with its defaults (its training clock,
   ``history.eval_times``, is the same: evaluation excluded, compile and any policy
   measurement inside the round included); the setup outside it (fingerprints, the held-out
@@ -75,51 +78,56 @@ def first_time_at(curve: list, reference: float) -> float | None:
     return None
 
 
-def figures_from_curves(naive_curves: list, fast_curves: list, *, loadavg_before=None,
-                        loadavg_after=None) -> dict:
-    """{provider: figure} from the held-out curves of interleaved runs (rep r of each pair
-    is judged against naive rep r's final value). A fastdiff run that never reaches it
-    counts with its whole training time and `reached` False."""
-    naive_t, fast_t, reached, ratios, walls = [], [], [], [], {p: [] for p in PROVIDERS}
-    for naive, fast in zip(naive_curves, fast_curves):
-        reference = naive[-1][2]
-        naive_t.append(first_time_at(naive, reference))
-        at = first_time_at(fast, reference)
-        reached.append(at is not None)
-        fast_t.append(at if at is not None else fast[-1][1])
-        ratios.append(fast[-1][2] / reference if reference > 0 else math.inf)
-        walls["naive"].append(naive[-1][1])
-        walls["fastdiff-default"].append(fast[-1][1])
+def figures_from_curves(curves: dict, *, loadavg_before=None, loadavg_after=None) -> dict:
+    """{provider: figure} from the held-out curves of interleaved runs, {provider: [curve
+    per rep]} with "naive" the reference: rep r of each provider is judged against naive
+    rep r's final value. A run that never reaches it counts with its whole training time
+    and `reached` False; `error_ratio` is the worst final error over naive's."""
+    naive = curves["naive"]
     out = {}
-    for provider, ts in (("naive", naive_t), ("fastdiff-default", fast_t)):
+    for provider, runs in curves.items():
+        ts, reached, ratios = [], [], []
+        for ref_curve, curve in zip(naive, runs):
+            reference = ref_curve[-1][2]
+            at = first_time_at(curve, reference)
+            reached.append(at is not None)
+            ts.append(at if at is not None else curve[-1][1])
+            ratios.append(curve[-1][2] / reference if reference > 0 else math.inf)
         out[provider] = common.summarise(ts) | {
             "times_s": ts, "loadavg_before": loadavg_before, "loadavg_after": loadavg_after,
-            "round_s": common.summarise(walls[provider]),
-            "final_error": [c[-1][2] for c in (naive_curves if provider == "naive"
-                                               else fast_curves)]}
-    out["fastdiff-default"]["reached"] = bool(reached) and all(reached)
-    out["fastdiff-default"]["error_ratio"] = max(ratios) if ratios else None
-    out["naive"]["reached"], out["naive"]["error_ratio"] = True, 1.0
+            "round_s": common.summarise([c[-1][1] for c in runs]),
+            "final_error": [c[-1][2] for c in runs],
+            "reached": bool(reached) and all(reached),
+            "error_ratio": max(ratios) if ratios else None}
     return out
 
 
-def verdict(figures: dict) -> str:
-    """MET / MISSED / noisy: rerun for the time-to-quality target on `figures`."""
-    naive, fast = figures["naive"], figures["fastdiff-default"]
+def verdict(figures: dict, provider: str = "fastdiff-default") -> str:
+    """MET / MISSED / noisy: rerun for `provider`'s time-to-quality target on `figures`."""
+    naive, fast = figures["naive"], figures[provider]
     speedup = naive["median_s"] / fast["median_s"] if fast["median_s"] else 0.0
     ok = (speedup >= TARGET_SPEEDUP and fast["reached"]
           and (fast["error_ratio"] or math.inf) <= TARGET_ERROR_RATIO)
-    return common.verdict({p: figures[p] for p in PROVIDERS}, ok)
+    return common.verdict({"naive": naive, provider: fast}, ok)
 
 
 def run_naive(teacher, data, held, *, updates, batch_size, lr, eval_every, student_steps,
-              seed=0) -> list:
+              seed=0, reuse: int = 1, compile_teacher: bool = False) -> list:
+    """The plain loop's held-out curve; `reuse` and `compile_teacher` (a frozen,
+    torch.compile'd copy of the teacher, compiled inside the timed loop) are levers tried
+    on it."""
+    import copy
+
     from benchmarks.naive_pd import naive_round
 
+    teacher_fn = None
+    if compile_teacher:
+        teacher_fn = torch.compile(copy.deepcopy(teacher).eval().requires_grad_(False),
+                                   options={"freezing": True})
     _, curve = naive_round(teacher, data.train, data.train_labels,
                            student_steps=student_steps, updates=updates,
                            batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                           measure=held.mismatch)
+                           measure=held.mismatch, reuse=reuse, teacher_fn=teacher_fn)
     return curve
 
 
@@ -143,8 +151,9 @@ def run_fastdiff(teacher, data, *, updates, batch_size, lr, eval_every, student_
 def time_to_quality(teacher, data, *, reps: int = 3, updates: int = 300,
                     batch_size: int = 128, lr: float = 5e-4, eval_every: int = 25,
                     student_steps: int = 32, heldout_size: int = 512, log=print,
-                    **fastdiff_options) -> dict:
-    """Interleaved runs of both providers; {provider: figure, "runs": [...], ...}."""
+                    levers: dict | None = None, **fastdiff_options) -> dict:
+    """Interleaved runs: naive, fastdiff-default, then each of `levers` ({name: run_naive
+    options, e.g. {"reuse": 4}}), `reps` times; {provider: figure, "runs": [...], ...}."""
     from fastdiff.engine.schedules import CosineSchedule
     from fastdiff.methods.pd import HeldOut
 
@@ -154,43 +163,52 @@ def time_to_quality(teacher, data, *, reps: int = 3, updates: int = 300,
                    weighting="snr_trunc", device="cpu", use_labels=use_labels)
     common_args = dict(updates=updates, batch_size=batch_size, lr=lr, eval_every=eval_every,
                        student_steps=student_steps)
+    levers = dict(levers or {})
     before = common.loadavg()
-    naive_curves, fast_curves, runs = [], [], []
+    curves: dict = {"naive": [], "fastdiff-default": [], **{name: [] for name in levers}}
+    runs = []
     for r in range(reps):
-        naive_curves.append(run_naive(teacher, data, held, **common_args))
+        curves["naive"].append(run_naive(teacher, data, held, **common_args))
         curve, info = run_fastdiff(teacher, data, heldout_size=heldout_size, **common_args,
                                    **fastdiff_options)
-        fast_curves.append(curve)
-        runs.append(info | {"naive_curve": naive_curves[-1], "fastdiff_curve": curve,
-                            "loadavg": common.loadavg()})
-        log(f"rep {r}: naive {naive_curves[-1][-1][1]:.1f} s -> {naive_curves[-1][-1][2]:.5g}"
-            f", fastdiff {curve[-1][1]:.1f} s -> {curve[-1][2]:.5g} (load {common.loadavg()})")
-    figures = figures_from_curves(naive_curves, fast_curves, loadavg_before=before,
+        curves["fastdiff-default"].append(curve)
+        for name, options in levers.items():
+            curves[name].append(run_naive(teacher, data, held, **common_args, **options))
+        runs.append(info | {name: c[-1] for name, c in curves.items()}
+                    | {"loadavg": common.loadavg()})
+        log(f"rep {r}: " + ", ".join(f"{name} {c[-1][-1][1]:.1f} s -> {c[-1][-1][2]:.5g}"
+                                     for name, c in curves.items())
+            + f" (load {common.loadavg()})")
+    figures = figures_from_curves(curves, loadavg_before=before,
                                   loadavg_after=common.loadavg())
-    return figures | {"runs": runs, "settings": dict(common_args, reps=reps,
-                                                     heldout_size=heldout_size,
-                                                     threads=torch.get_num_threads())}
+    return figures | {"curves": curves, "runs": runs, "levers": levers,
+                      "settings": dict(common_args, reps=reps, heldout_size=heldout_size,
+                                       threads=torch.get_num_threads())}
 
 
 def format_report(result: dict, teacher_name: str) -> str:
-    n, f = result["naive"], result["fastdiff-default"]
-    speedup = n["median_s"] / f["median_s"] if f["median_s"] else float("nan")
-    round_speedup = n["round_s"]["median_s"] / f["round_s"]["median_s"]
+    n = result["naive"]
     s = result["settings"]
+    names = ["naive", "fastdiff-default", *result.get("levers", {})]
     lines = [f"time-to-quality, {teacher_name}, digits, {s['updates']} updates at batch "
              f"{s['batch_size']}, {s['threads']} thread(s), {s['reps']} interleaved reps; load "
              f"{n['loadavg_before']} -> {n['loadavg_after']}"]
-    for name, fig in (("naive", n), ("fastdiff-default", f)):
-        lines.append(f"  {name:<17} time-to-quality min {fig['min_s']:.2f} s, median "
+    for name in names:
+        fig = result[name]
+        lines.append(f"  {name:<26} time-to-quality min {fig['min_s']:.2f} s, median "
                      f"{fig['median_s']:.2f} s, spread {fig['spread']:.2f}; round median "
                      f"{fig['round_s']['median_s']:.2f} s (spread "
                      f"{fig['round_s']['spread']:.2f}); final held-out error "
                      f"{', '.join(f'{e:.5g}' for e in fig['final_error'])}")
-    lines.append(f"  speed-up (medians): time-to-quality {speedup:.2f}x, whole round "
-                 f"{round_speedup:.2f}x; fastdiff's final error / naive's "
-                 f"{f['error_ratio']:.3f}; naive's final error reached: {f['reached']}")
-    lines.append(f"  target (>= {TARGET_SPEEDUP}x, error <= {TARGET_ERROR_RATIO}x): "
-                 f"{verdict(result)}")
+    for name in names[1:]:
+        f = result[name]
+        speedup = n["median_s"] / f["median_s"] if f["median_s"] else float("nan")
+        round_speedup = n["round_s"]["median_s"] / f["round_s"]["median_s"]
+        lines.append(f"  {name}: time-to-quality {speedup:.2f}x naive, whole round "
+                     f"{round_speedup:.2f}x (medians); final error {f['error_ratio']:.3f}x "
+                     f"naive's; naive's final error reached: {f['reached']}; target (>= "
+                     f"{TARGET_SPEEDUP}x, error <= {TARGET_ERROR_RATIO}x): "
+                     f"{verdict(result, name)}")
     return "\n".join(lines)
 
 
@@ -202,12 +220,21 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
+    p.add_argument("--reuse", type=int, action="append", default=[],
+                   help="also the plain loop with teacher-target reuse R (repeatable)")
+    p.add_argument("--compiled-teacher", action="store_true",
+                   help="also the plain loop with a frozen torch.compile'd teacher")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     teacher, data, name = demo_teacher_and_data()
+    levers = {f"naive+reuse{r}": {"reuse": r} for r in args.reuse}
+    if args.compiled_teacher:
+        levers["naive+frozen-compiled-teacher"] = {"compile_teacher": True}
+        for r in args.reuse:
+            levers[f"naive+compiled-teacher+reuse{r}"] = {"compile_teacher": True, "reuse": r}
     result = time_to_quality(teacher, data, reps=args.reps, updates=args.updates,
-                             batch_size=args.batch, eval_every=args.eval_every)
+                             batch_size=args.batch, eval_every=args.eval_every, levers=levers)
     result["teacher"] = name
     print(format_report(result, name))
     if args.json:

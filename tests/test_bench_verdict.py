@@ -157,7 +157,7 @@ def test_time_to_quality_figures_and_verdict():
     # fastdiff reaches 0.10 at 12 s (and ends at 0.09): 2.5x
     fast = [_curve([(100, 6.0, 0.20), (200, 12.0 + d, 0.10), (300, 18.0, 0.09)])
             for d in (0.0, 0.2, 0.4)]
-    figs = quality.figures_from_curves(naive, fast)
+    figs = quality.figures_from_curves({"naive": naive, "fastdiff-default": fast})
     assert figs["naive"]["median_s"] == 30.0
     assert figs["fastdiff-default"]["median_s"] == pytest.approx(12.2)
     assert figs["fastdiff-default"]["reached"]
@@ -165,19 +165,24 @@ def test_time_to_quality_figures_and_verdict():
     assert quality.verdict(figs) == "MET"
     # never reaches the plain loop's final error: MISSED, however fast it is
     never = [_curve([(100, 2.0, 0.3), (300, 6.0, 0.105)])] * 3
-    figs = quality.figures_from_curves(naive, never)
+    figs = quality.figures_from_curves({"naive": naive, "fastdiff-default": never})
     assert not figs["fastdiff-default"]["reached"]
     assert quality.verdict(figs) == "MISSED"
     # a noisy naive run: no verdict
     noisy_naive = [_curve([(300, s, 0.10)]) for s in (30.0, 60.0, 45.0)]
-    figs = quality.figures_from_curves(noisy_naive, fast)
+    figs = quality.figures_from_curves({"naive": noisy_naive, "fastdiff-default": fast})
     assert quality.verdict(figs).startswith("noisy: rerun")
+    # a lever tried on the plain loop is judged the same way, on its own name
+    figs = quality.figures_from_curves({"naive": naive, "fastdiff-default": never,
+                                        "naive+reuse4": fast})
+    assert quality.verdict(figs, "naive+reuse4") == "MET"
+    assert quality.verdict(figs) == "MISSED"
 
 
 def test_summary_time_to_quality_row():
     naive = [_curve([(300, 30.0 + d, 0.10)]) for d in (0.0, 0.1, 0.2)]
     fast = [_curve([(150, 10.0 + d, 0.10), (300, 20.0, 0.1)]) for d in (0.0, 0.1, 0.2)]
-    figs = quality.figures_from_curves(naive, fast)
+    figs = quality.figures_from_curves({"naive": naive, "fastdiff-default": fast})
     recs = [_bench({k: figs[p][k] for k in ("min_s", "median_s", "max_s", "spread", "reps",
                                             "loadavg_before", "loadavg_after")}
                    | {"kind": "quality", "model": "demo", "provider": p, "size": "300",
