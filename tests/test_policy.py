@@ -187,3 +187,24 @@ def test_teacher_decided_fp32_stays_fp32_inside_a_student_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = f(z, t)
     assert torch.equal(out, teacher(z, t).detach())
+
+
+def test_legacy_settings_become_forced_choices():
+    assert pol.legacy_request() == {}
+    assert pol.legacy_request("bf16", True) == {"teacher_bf16": True, "student_bf16": True,
+                                                 "student_compile": True}
+    assert pol.legacy_request("fp32") == {"teacher_bf16": False, "student_bf16": False}
+    with pytest.raises(ValueError):
+        pol.legacy_request("fp16")
+
+
+def test_apply_puts_the_policy_to_work():
+    teacher, student = Tiny(), Tiny()
+    p = Policy(teacher_compile=False, teacher_bf16=True, teacher_channels_last=False,
+               student_compile=False, student_bf16=True, student_channels_last=False)
+    applied = pol.apply(p, teacher=teacher, student=student, device="cpu")
+    (z, t), _ = _example()
+    assert applied.teacher(z, t).dtype == torch.float32
+    assert applied.student is student
+    with applied.student_autocast():
+        assert applied.student(z, t).dtype == torch.bfloat16

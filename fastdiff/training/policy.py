@@ -402,3 +402,40 @@ def _decide_cuda(role, chosen, record, bf16_ok, calls, compile_seconds, priors) 
 def with_forced(policy: Policy, **forced) -> Policy:
     """`policy` with some choices forced (e.g. from CLI flags; None leaves one as it is)."""
     return replace(policy, **{k: v for k, v in forced.items() if v is not None})
+
+
+@dataclass
+class Applied:
+    """A decided policy put to work: `teacher(z, t, **cond)` (float32 outputs, no graph),
+    `student` (what to train with: compiled or not; its parameters are the plain module's)
+    and `student_autocast` (a fresh context manager per use: `with applied.student_autocast():`)."""
+
+    teacher: Callable | None
+    student: Callable | None
+    student_autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+def apply(policy: Policy, *, teacher: nn.Module | None, student: nn.Module | None,
+          device) -> Applied:
+    """`teacher_forward`, `prepare_student` and `student_autocast` of `policy` at once."""
+    device = torch.device(device)
+    return Applied(
+        teacher=teacher_forward(teacher, policy, device) if teacher is not None else None,
+        student=prepare_student(student, policy) if student is not None else None,
+        student_autocast=lambda: student_autocast(policy, device))
+
+
+def legacy_request(autocast=None, compile=False) -> dict:
+    """The forced choices that RunConfig's older `autocast` / `compile` settings mean:
+    autocast "bf16"/True or "fp32"/False forces both networks' precision (it wrapped the
+    whole loss, teacher included); compile True (or a mode) forces the student's compile.
+    None / False leave the choice to `decide`."""
+    out: dict = {}
+    if autocast is not None:
+        if autocast not in (True, False, "bf16", "fp32", "none"):
+            raise ValueError(f"autocast must be 'bf16', 'fp32' or None, got {autocast!r}")
+        bf16 = autocast in (True, "bf16")
+        out.update(teacher_bf16=bf16, student_bf16=bf16)
+    if compile:
+        out["student_compile"] = True
+    return out
