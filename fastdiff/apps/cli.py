@@ -86,6 +86,47 @@ def _load_model(path):
     return load(path)
 
 
+def _is_diffusers_folder(path) -> bool:
+    """A diffusers pipeline or UNet folder (not a fastdiff checkpoint)."""
+    from fastdiff.engine.checkpoint import is_checkpoint
+
+    p = Path(path)
+    if not p.is_dir() or is_checkpoint(p):
+        return False
+    return (p / "model_index.json").is_file() or (p / "unet").is_dir() or \
+        (p / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def _load_teacher(path):
+    """A fastdiff checkpoint (`fastdiff.load`), or a diffusers pipeline folder
+    (`load_diffusers_teacher`: model_index.json with unet/ and scheduler/)."""
+    if _is_diffusers_folder(path):
+        from fastdiff.integrations.diffusers import load_diffusers_teacher
+
+        return load_diffusers_teacher(path)
+    return _load_model(path)
+
+
+def _check_data_fits(teacher, data) -> None:
+    """One clear line when the data's examples or conditions cannot go into the teacher."""
+    shape = getattr(teacher, "example_shape", None)
+    if shape is not None and data is not None and tuple(data.shape) != tuple(shape):
+        raise ValueError(f"--data {data.name}: examples have shape {tuple(data.shape)} but the "
+                         f"teacher's UNet takes {tuple(shape)} (latents (C, H, W) of its "
+                         "sample_size)")
+    if data is not None and getattr(teacher, "is_conditional_unet", False) \
+            and not data.conditioned:
+        raise ValueError(f"--data {data.name}: a text-conditional (UNet2DConditionModel) "
+                         "teacher needs a .npz with latents and prompt_embeds (see fastdiff "
+                         "encode)")
+    if data is not None and data.conditioned:
+        dim = getattr(getattr(teacher, "unet", None), "config", {}).get("cross_attention_dim")
+        emb = data.train_conds.get("encoder_hidden_states")
+        if isinstance(dim, int) and emb is not None and emb.shape[-1] != dim:
+            raise ValueError(f"--data {data.name}: prompt_embeds have width {emb.shape[-1]} "
+                             f"but the teacher's cross_attention_dim is {dim}")
+
+
 def _is_digits(dataset) -> bool:
     return dataset.name == "digits"
 
@@ -162,10 +203,11 @@ def cmd_distill(args, ranks: Ranks = ONE_PROCESS) -> None:
 
     method = distill_method(args)
     with _claimed(args, ranks, DISTILL_FILES):
-        teacher = _load_model(args.teacher)
+        teacher = _load_teacher(args.teacher)
         if ranks.device is not None:
             teacher = teacher.to(ranks.device)
         data = None if method == "sfd" else load_dataset(args.data, seed=args.seed)
+        _check_data_fits(teacher, data)
         run_distill(teacher, data, args, rank=ranks.rank, world_size=ranks.world_size,
                     wrap_student=ranks.wrap, device=ranks.device)
 
@@ -179,6 +221,41 @@ def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap
 
     run(teacher, data, args, rank=rank, world_size=world_size, wrap_student=wrap_student,
         device=device)
+
+
+# --- export / encode ----------------------------------------------------------------------------
+
+
+def cmd_export(args) -> None:
+    """`fastdiff export`: a distilled diffusers student as a stock diffusers pipeline folder
+    (`fastdiff.integrations.diffusers.export_pipeline`)."""
+    from fastdiff.engine.checkpoint import load_config
+    from fastdiff.integrations.diffusers import export_pipeline
+
+    model = _load_model(args.model)
+    meta = load_config(args.model).get("metadata", {})
+    steps = args.steps if args.steps is not None else meta.get("steps")
+    if steps is None:
+        raise ValueError(f"--steps: {args.model} records no step count; say how many steps "
+                         "the student takes")
+    if meta.get("steps") is not None and args.steps is not None and args.steps != meta["steps"]:
+        raise ValueError(f"--steps {args.steps}: {args.model} was distilled for "
+                         f"{meta['steps']} steps")
+    out = export_pipeline(model, args.out, steps=int(steps), teacher_folder=args.teacher,
+                          overwrite=args.overwrite, times=meta.get("times"),
+                          afs=bool(meta.get("afs")), sampler=meta.get("sampler", "ddim"))
+    guided = " (guidance_scale = 1 + w)" if "w" in getattr(model, "scalar_conds", ()) else ""
+    print(f"wrote {out}: load it with StableDiffusionPipeline.from_pretrained (or "
+          f"DDIMPipeline) and run num_inference_steps={steps}{guided}")
+
+
+def cmd_encode(args) -> None:
+    """`fastdiff encode`: an image folder with captions as the latents/prompt_embeds .npz."""
+    from fastdiff.integrations.diffusers import encode_folder
+
+    out = encode_folder(args.pipeline, args.images, args.out,
+                        negative_prompt=args.negative_prompt, batch_size=args.batch_size)
+    print(f"wrote {out}")
 
 
 # --- sample ------------------------------------------------------------------------------------
@@ -381,9 +458,47 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--afs", action="store_true",
                    help="analytical first step: the student's first step costs no network "
                         "call (sfd)")
+    d.add_argument("--stochastic-steps", type=_steps, default=None,
+                   help="guided: also train the N-step stochastic-sampler student from the "
+                        "2N-step stage-2 student (written to --out/stochastic)")
+    d.add_argument("--gradient-checkpointing", action="store_true",
+                   help="diffusers teachers: recompute the student UNet's activations in the "
+                        "backward pass (diffusers' own checkpointing; less memory)")
+    d.add_argument("--teacher-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="guided stage 1: the frozen pretrained teacher's weights (auto: bf16 "
+                        "on CUDA devices that have it, else fp32); the student stays fp32")
     writes(d, "students and checkpoints")
     common(d)
     d.set_defaults(func=cmd_distill)
+
+    x = sub.add_parser("export", help="a distilled diffusers student as a diffusers pipeline",
+                       description="Write a distilled diffusers student (fastdiff checkpoint) "
+                                   "as a folder StableDiffusionPipeline.from_pretrained loads: "
+                                   "the student UNet, a DDIMScheduler (trailing spacing), the "
+                                   "teacher's VAE, text encoder and tokenizer.")
+    x.add_argument("--model", required=True, help="the student (fastdiff checkpoint folder)")
+    x.add_argument("--steps", type=_steps, default=None,
+                   help="the student's step count (default: the one it was distilled for)")
+    x.add_argument("--out", required=True, help="pipeline folder to write")
+    x.add_argument("--teacher", default=None,
+                   help="the teacher's pipeline folder to copy vae/, text_encoder/, tokenizer/ "
+                        "from (default: the folder the teacher was loaded from)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace a pipeline folder an earlier export wrote")
+    x.set_defaults(func=cmd_export)
+
+    n = sub.add_parser("encode", help="images + captions -> latents/prompt_embeds .npz",
+                       description="Encode an image folder (each image with a caption in a "
+                                   ".txt file of the same name) with a pipeline's VAE (x its "
+                                   "scaling_factor) and text encoder into the .npz that "
+                                   "distill --data takes.")
+    n.add_argument("--pipeline", required=True, help="diffusers pipeline folder")
+    n.add_argument("--images", required=True, help="folder of images with .txt captions")
+    n.add_argument("--out", required=True, help=".npz file to write")
+    n.add_argument("--negative-prompt", default="",
+                   help="the null prompt of classifier-free guidance (default: empty)")
+    n.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch")
+    n.set_defaults(func=cmd_encode)
 
     s = sub.add_parser("sample", help="write a PNG grid (images) or scatter plot (2-D)")
     s.add_argument("--model", required=True, help="checkpoint folder")

@@ -52,12 +52,40 @@ def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap
     method = distill_method(args)
     parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
                 "device": device}
+    if getattr(args, "teacher_dtype", "auto") == "bf16" and method != "guided":
+        raise ValueError(f"--teacher-dtype bf16 is for --method guided (stage 1's frozen "
+                         f"teacher); --method {method} copies its students from the teacher")
+    memory_options(teacher, args)
     if method == "guided":
         distill_guided_cli(teacher, data, args, **parallel)
     elif method == "sfd":
         distill_sfd_cli(teacher, args, **parallel)
     else:
         distill_pd_cli(teacher, data, args, **parallel)
+
+
+def memory_options(model, args):
+    """--gradient-checkpointing: diffusers' own checkpointing on `model`'s UNet (students
+    copied from it inherit it; a frozen teacher under no_grad does not pay for it)."""
+    if getattr(args, "gradient_checkpointing", False):
+        enable = getattr(model, "enable_gradient_checkpointing", None)
+        if enable is None:
+            raise ValueError("--gradient-checkpointing is for diffusers teachers (a pipeline "
+                             "folder as --teacher)")
+        enable()
+    return model
+
+
+def teacher_dtype(args, device) -> str:
+    """"bf16" or "fp32": --teacher-dtype, auto = bf16 on a CUDA device that has it."""
+    import torch
+
+    choice = getattr(args, "teacher_dtype", "auto") or "auto"
+    if choice != "auto":
+        return choice
+    dev = torch.device(device) if device is not None else None
+    cuda = (dev is None or dev.type == "cuda") and torch.cuda.is_available()
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def _pd_lr(args) -> float:
@@ -166,6 +194,18 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         raise ValueError(f"--stage1-lr must be positive, got {stage1_lr}")
     stage1_settings = {"w_min": w_min, "w_max": w_max, "updates": stage1_updates,
                        "lr": stage1_lr, "batch_size": args.batch_size, "seed": args.seed}
+    dtype = teacher_dtype(args, device)
+    if dtype == "bf16":
+        stage1_settings["teacher_dtype"] = "bf16"
+    stochastic = getattr(args, "stochastic_steps", None)
+    if stochastic is not None:
+        reached = [args.start_steps >> k for k in range(1, 64)
+                   if args.end_steps <= args.start_steps >> k]
+        if stochastic < 2 or 2 * stochastic not in reached:
+            raise ValueError(f"--stochastic-steps {stochastic}: the stochastic student learns "
+                             f"from the {2 * stochastic}-step stage-2 student, which "
+                             f"--start-steps {args.start_steps} --end-steps {args.end_steps} "
+                             f"does not make (stage 2 makes {reached})")
     parallel = {"rank": rank, "world_size": world_size, "wrap_student": wrap_student,
                 "device": device}
     stage1 = None
@@ -177,7 +217,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
             if differ:
                 raise CheckpointError(f"it was trained with other settings (saved vs now: "
                                       f"{differ})")
-            stage1 = load(stage1_path)
+            stage1 = memory_options(load(stage1_path), args)
             say(f"stage 1: reusing {stage1_path}")
         except (CheckpointError, OSError, ValueError) as e:
             say(f"stage 1: retraining ({stage1_path} unusable: {e})")
@@ -200,6 +240,13 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         options = dict(w_min=w_min, w_max=w_max, updates=stage1_updates,
                        batch_size=args.batch_size, lr=stage1_lr, seed=args.seed,
                        progress=not quiet, **state, **parallel)
+        if dtype == "bf16":  # the student is an fp32 copy; the frozen teacher runs in bf16
+            import copy
+
+            import torch
+
+            options["student"] = copy.deepcopy(teacher).float()
+            teacher = teacher.to(torch.bfloat16)
         try:
             res = distill_guidance(teacher, data, **options)
         except CheckpointError as e:  # an interrupted stage 1 of other settings: start over
@@ -240,5 +287,47 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         save(final.student, out / "student",
              metadata={"steps": final.steps, "guided": True, "w_min": w_min, "w_max": w_max,
                        "world_size": world_size})
+    cond = "{'encoder_hidden_states': e, 'w': weights}" if data is not None and \
+        data.conditioned else "{'y': labels, 'w': weights}"
     say(f"guided student for {final.steps} step(s) saved to {out / 'student'}; sample it "
-        f"with cond={{'y': labels, 'w': weights}} (one pass per step)")
+        f"with cond={cond} (one pass per step)")
+    if stochastic is not None:
+        source = next(r for r in results if r.steps == 2 * stochastic)
+        _stochastic_cli(source.student, data, args, stochastic, w_min, w_max, say=say,
+                        **parallel)
+
+
+def _stochastic_cli(teacher, data, args, steps: int, w_min: float, w_max: float, *, say,
+                    rank: int = 0, world_size: int = 1, wrap_student=None,
+                    device=None) -> None:
+    """--stochastic-steps N: the N-step stochastic-sampler student of the 2N-step stage-2
+    student, into `<out>/stochastic` (resumable; reused when finished with the same
+    settings)."""
+    from fastdiff.methods.guided import distill_stochastic
+
+    out = Path(args.out)
+    path = out / "stochastic"
+    settings = {"steps": steps, "w_min": w_min, "w_max": w_max, "updates": args.updates,
+                "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr}
+    if path.exists():
+        try:
+            meta = load_config(path).get("metadata", {})
+            if all(meta.get(k) == v for k, v in settings.items()):
+                say(f"stochastic student: reusing {path}")
+                return
+        except CheckpointError:
+            pass
+    options = {"lr": args.lr} if args.lr is not None else {}
+    if getattr(args, "checkpoint_every", None):
+        options["checkpoint_every"] = args.checkpoint_every
+    result = distill_stochastic(
+        memory_options(teacher, args), data, steps=steps, w_min=w_min, w_max=w_max,
+        updates=args.updates, batch_size=args.batch_size, seed=args.seed,
+        checkpoint_dir=out / "checkpoints", progress=not getattr(args, "quiet", False)
+        and rank == 0, rank=rank, world_size=world_size, wrap_student=wrap_student,
+        device=device, **options)
+    if rank == 0:
+        save(result.student, path, metadata={**settings, "sampler": "stochastic",
+                                             "guided": True, "world_size": world_size})
+    say(f"stochastic-sampler student for {steps} step(s) saved to {path}; sample it with "
+        f"sampler='stochastic' (one pass per step)")

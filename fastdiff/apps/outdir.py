@@ -49,7 +49,8 @@ class Owned:
 # train-teacher: the teacher in out/ itself and its training state, never a distillation's
 TEACHER_FILES = Owned(models=(".",), teacher_state=True, checkpoint_models=False)
 # distill (every method): its students and checkpoints, never a teacher saved in out/ itself
-DISTILL_FILES = Owned(models=("student", "stage1"), teacher_state=False, checkpoint_models=True)
+DISTILL_FILES = Owned(models=("student", "stage1", "stochastic"), teacher_state=False,
+                      checkpoint_models=True)
 
 
 def check_out(path) -> Path:

@@ -47,8 +47,30 @@ teacher with one extra embedding row for "no label" and pass its index as `null_
 raises. A class-conditional UNet called without `y` gets the null class. `encoder_hidden_states`
 (B, L, D) and other UNet keywords (`added_cond_kwargs`, …) are passed through; a fixed
 `encoder_hidden_states` given to `from_diffusers` (e.g. one prompt's embedding, (1, L, D)) is
-used, broadcast over the batch, when a call passes none — fastdiff's distillation methods pass
-only `y`.
+used, broadcast over the batch, when a call passes none.
+
+## Stable-Diffusion-style (latent, text-conditional) teachers
+
+`load_diffusers_teacher(folder)` takes a pipeline folder (model_index.json, unet/, scheduler/;
+vae/, text_encoder/, tokenizer/ optional; DDPM, DDIM, PNDM or Euler scheduler configs, ε-,
+x- or v-prediction). Its examples are latents (already × the VAE's `scaling_factor`); each
+example's prompt embedding (L, D) reaches the UNet as `encoder_hidden_states` (B, L, D),
+carried by the data set (`fastdiff.engine.data`: a `.npz` with latents, prompt_embeds and
+negative_prompt_embeds; `encode_folder` / `fastdiff encode` builds one). Classifier-free
+guidance's null condition is the negative / empty prompt's embedding (the data set's
+`null_conds`), so `v̂^w = (1 + w) v̂(z, e) − w v̂(z, e_neg)`, diffusers' `guidance_scale`
+being 1 + w. Guided stage 1 gives the student w through diffusers' own guidance embedding
+(`time_cond_proj_dim`, `guidance_embedding`), in a zero-initialised `cond_proj`, so it
+starts as the teacher; `export_pipeline` writes a StableDiffusionPipeline folder that runs
+the student with one UNet pass per step at `guidance_scale = 1 + w`.
+
+## Saving
+
+A DiffusersTeacher (and every student copied from it) saves with `fastdiff.save` and loads
+with `fastdiff.load` like a native model: its `config` has kind "diffusers", which this
+module registers with `fastdiff.engine.models.register_model_kind` (and its schedule with
+`register_schedule`) on import — `import fastdiff` imports it — so the engine, a lower
+layer, never imports this one.
 """
 
 from __future__ import annotations
@@ -70,6 +92,8 @@ __all__ = [
     "DiffusersSchedule",
     "DiffusersTeacher",
     "export_diffusers",
+    "encode_folder",
+    "export_pipeline",
     "export_scheduler",
     "from_diffusers",
     "guidance_embedding",
@@ -594,6 +618,213 @@ def export_diffusers(student, folder, *, steps: int, overwrite: bool = False) ->
     return atomic_dir(target, fill)
 
 
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer")   # copied from the teacher's folder
+
+
+def check_ddim_grid(steps: int, *, times=None, afs: bool = False, sampler: str = "ddim",
+                    where: str = "export") -> None:
+    """Raise ValueError unless a student sampled by `sampler` on `times` (t_0 = 1 > … > 0,
+    float, len steps + 1; None: the uniform grid) with/without an analytical first step is
+    what DDIM with trailing spacing runs: deterministic DDIM steps on t_i = 1 − i/N."""
+    if sampler != "ddim":
+        raise ValueError(f"{where}: this student samples with the {sampler!r} sampler, which a "
+                         "DDIMScheduler cannot run (it renoises between steps); export the "
+                         "deterministic stage-2 student instead")
+    if afs:
+        raise ValueError(f"{where}: this SFD student takes an analytical first step (AFS), "
+                         "which a DDIMScheduler cannot express; distil without --afs to export")
+    if times is not None:
+        grid = torch.as_tensor(times, dtype=torch.float64).flatten()
+        uniform = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        if grid.shape != uniform.shape or float((grid - uniform).abs().max()) > 1e-6:
+            shown = ", ".join(f"{float(t):.4g}" for t in grid[:6])
+            shown += ", ..." if len(grid) > 6 else ""
+            raise ValueError(f"{where}: the student's time grid ({shown}) is not DDIM's "
+                             f"trailing grid t_i = 1 - i/{steps}; a DDIMScheduler "
+                             "cannot reproduce it (distil SFD with a uniform grid to export)")
+
+
+def export_pipeline(student, folder, *, steps: int, teacher_folder=None,
+                    overwrite: bool = False, times=None, afs: bool = False,
+                    sampler: str = "ddim") -> Path:
+    """Write `student` as a folder that diffusers' stock pipeline loads; returns the folder.
+
+    A UNet2DConditionModel student becomes a StableDiffusionPipeline folder::
+
+        folder/model_index.json       StableDiffusionPipeline (no safety checker)
+        folder/unet/                  the student (time_cond_proj_dim set when guided)
+        folder/scheduler/             DDIMScheduler: trailing spacing, the student's
+                                      prediction_type and ᾱ table (`export_scheduler`)
+        folder/vae/, text_encoder/, tokenizer/   copied from the teacher's pipeline folder
+                                      (`teacher_folder`, default `student.source`) when there
+        folder/fastdiff.json          steps, prediction_type, guided
+
+    so `StableDiffusionPipeline.from_pretrained(folder)(prompt_embeds=e, latents=z,
+    num_inference_steps=steps, guidance_scale=1 + w, output_type="latent")` makes one UNet
+    pass per step (a guidance-distilled UNet takes w through its guidance embedding, so the
+    pipeline does no classifier-free guidance) and returns
+    `fastdiff.sample(student, z, steps, cond={"encoder_hidden_states": e, "w": w})`.
+    A UNet2DModel student is written by `export_diffusers` (DDIMPipeline).
+    steps: the student's step count (a divisor of T); times / afs / sampler: how the student
+    samples (an SFD student's grid and analytical first step; "stochastic"): anything but
+    DDIM on the uniform grid raises ValueError (`check_ddim_grid`).
+    """
+    diffusers = _diffusers()
+    from fastdiff.training import _unwrap
+
+    student = _unwrap(student)
+    if not isinstance(student, DiffusersTeacher):
+        raise TypeError(f"export: the model must be a diffusers student (a DiffusersTeacher or "
+                        f"a distillation of one), got {type(student).__name__}")
+    check_ddim_grid(steps, times=times, afs=afs, sampler=sampler)
+    if not student.is_conditional_unet:
+        return export_diffusers(student, folder, steps=steps, overwrite=overwrite)
+    T = student.schedule.T
+    if not isinstance(steps, int) or steps < 1 or T % steps:
+        raise ValueError(f"export: steps must be a positive divisor of the {T} training "
+                         f"timesteps (DDIM's trailing grid is exact only then), got {steps!r}")
+    target = Path(folder)
+    if target.exists():
+        ours = (target / FASTDIFF_JSON).is_file() or (target.is_dir() and
+                                                      not any(target.iterdir()))
+        if not overwrite or not ours:
+            raise DiffusersFolderError(f"export: {target} exists; pass overwrite=True "
+                                       f"(--overwrite) to replace a folder fastdiff exported")
+    source = teacher_folder if teacher_folder is not None else student.source
+    source = Path(source) if source is not None else None
+    if teacher_folder is not None and not Path(teacher_folder).is_dir():
+        raise DiffusersFolderError(f"{teacher_folder}: no such folder (the teacher pipeline)")
+    index = {}
+    if source is not None and (source / "model_index.json").is_file():
+        index = _read_json(source / "model_index.json", "the teacher's pipeline index")
+    parts = [name for name in PIPELINE_PARTS
+             if source is not None and (source / name).is_dir()]
+    scheduler = export_scheduler(student)
+    doc = {"_class_name": "StableDiffusionPipeline",
+           "_diffusers_version": diffusers.__version__,
+           "unet": ["diffusers", "UNet2DConditionModel"],
+           "scheduler": ["diffusers", "DDIMScheduler"],
+           "safety_checker": [None, None], "feature_extractor": [None, None],
+           "image_encoder": [None, None], "requires_safety_checker": False}
+    defaults = {"vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"]}
+    for name in PIPELINE_PARTS:
+        doc[name] = index.get(name, defaults[name]) if name in parts else [None, None]
+    meta = {"format": FORMAT, "version": 1, "steps": steps,
+            "prediction_type": student.prediction_type, "null_class": student.null_class,
+            "num_train_timesteps": T, "guided": student.guidance_dim is not None,
+            "copied": parts}
+
+    def fill(tmp: Path) -> None:
+        import shutil
+
+        student.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        for name in parts:
+            shutil.copytree(source / name, tmp / name)
+        (tmp / "model_index.json").write_text(json.dumps(doc, indent=2))
+        (tmp / FASTDIFF_JSON).write_text(json.dumps(meta, indent=2))
+
+    return atomic_dir(target, fill)
+
+
+# --- building the data: latents and prompt embeddings ----------------------------------------
+
+
+def _pipeline_part(root: Path, name: str, what: str):
+    """Load `root/name` with the class model_index.json names (diffusers or transformers)."""
+    index = _read_json(root / "model_index.json", "the pipeline index")
+    entry = index.get(name)
+    if not (root / name).is_dir() or not isinstance(entry, list) or entry[0] is None:
+        raise DiffusersFolderError(f"{root / name}: missing ({what}; `fastdiff encode` needs "
+                                   "the pipeline's vae/, text_encoder/ and tokenizer/)")
+    library, cls_name = entry
+    try:
+        module = __import__(library)
+        cls = getattr(module, cls_name)
+        return cls.from_pretrained(str(root / name))
+    except ImportError as e:
+        raise ImportError(f"{root / name} needs the {library} package ({e})") from e
+    except Exception as e:  # from_pretrained raises many kinds on a broken folder
+        raise DiffusersFolderError(f"{root / name}: cannot load {cls_name} ({e})") from e
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], *, batch_size: int = 32):
+    """Prompt embeddings as StableDiffusionPipeline computes them: the text encoder's last
+    hidden state over `tokenizer.model_max_length` padded tokens. float32 (N, L, D)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        out.append(text_encoder(ids)[0].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, *, batch_size: int = 16) -> torch.Tensor:
+    """Latents of images float (N, 3, H, W) in [−1, 1]: the VAE posterior's mean,
+    (mean − shift_factor) × scaling_factor, as diffusers' training scripts feed the UNet.
+    float32 (N, C, H/f, W/f)."""
+    scale = float(vae.config.get("scaling_factor", 1.0) or 1.0)
+    shift = float(vae.config.get("shift_factor", 0.0) or 0.0)
+    out = []
+    for i in range(0, len(images), batch_size):
+        dist = vae.encode(images[i:i + batch_size].to(vae.dtype)).latent_dist
+        out.append(((dist.mean - shift) * scale).float())
+    return torch.cat(out)
+
+
+def encode_folder(pipeline_folder, image_folder, out, *, negative_prompt: str = "",
+                  batch_size: int = 16) -> Path:
+    """Build the `.npz` that `--data` takes for a text-conditional teacher; returns `out`.
+
+    image_folder: image files (all one size, the pipeline's image size), each with a caption
+    in a text file of the same stem (`cat.png` + `cat.txt`). Writes `latents` float32
+    (N, C, H, W) (`encode_latents`: × the VAE's scaling_factor), `prompt_embeds` float32
+    (N, L, D) (`encode_prompts`) and `negative_prompt_embeds` (L, D), the embedding of
+    `negative_prompt` (the empty prompt by default): classifier-free guidance's null.
+    """
+    import numpy as np
+
+    from fastdiff.engine.checkpoint import atomic_write
+    from fastdiff.engine.data import DataError, _image_files, _read_image_folder
+
+    root, images_dir = Path(pipeline_folder), Path(image_folder)
+    if not (root / "model_index.json").is_file():
+        raise DiffusersFolderError(f"{root}: not a diffusers pipeline folder (no "
+                                   "model_index.json)")
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: no such folder (the images to encode)")
+    files = _image_files(images_dir)
+    missing = [f.name for f in files if not f.with_suffix(".txt").is_file()]
+    if missing:
+        raise DataError(f"{images_dir}: {len(missing)} image(s) without a caption file of the "
+                        f"same name (e.g. {missing[0]} needs {Path(missing[0]).stem}.txt)")
+    x, _, _ = _read_image_folder(images_dir)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    captions = [f.with_suffix(".txt").read_text().strip() for f in files]
+    vae = _pipeline_part(root, "vae", "the VAE")
+    text_encoder = _pipeline_part(root, "text_encoder", "the text encoder")
+    tokenizer = _pipeline_part(root, "tokenizer", "the tokenizer")
+    latents = encode_latents(vae.eval(), x, batch_size=batch_size)
+    embeds = encode_prompts(text_encoder.eval(), tokenizer, captions, batch_size=batch_size)
+    negative = encode_prompts(text_encoder, tokenizer, [negative_prompt])[0]
+    arrays = {"latents": latents.numpy(), "prompt_embeds": embeds.numpy(),
+              "negative_prompt_embeds": negative.numpy()}
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise DataError(f"{out}: the output must be a .npz file")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(out, write)
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 
@@ -658,8 +889,10 @@ def load_diffusers_teacher(folder, scheduler_folder=None, *, prediction_type: st
                            encoder_hidden_states=None) -> DiffusersTeacher:
     """Load a local diffusers folder as a fastdiff teacher (no downloads).
 
-    folder: a pipeline folder (with `unet/` and `scheduler/`, e.g. from `export_diffusers` or
-    `pipeline.save_pretrained`) or a UNet folder (config.json + diffusion_pytorch_model
+    folder: a pipeline folder (model_index.json with `unet/` and `scheduler/`; `vae/`,
+    `text_encoder/`, `tokenizer/` optional and not loaded here; e.g. a Stable Diffusion
+    folder, or one from `export_diffusers` / `pipeline.save_pretrained`), recorded as the
+    teacher's `source`; or a UNet folder (config.json + diffusion_pytorch_model
     .safetensors), then with `scheduler_folder` (holding scheduler_config.json).
     prediction_type / null_class default to the scheduler config / fastdiff.json.
     Raises DiffusersFolderError (a ValueError) naming the path for a missing folder, config,

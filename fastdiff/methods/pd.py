@@ -133,7 +133,7 @@ def draw_batch(examples, labels, student_steps: int, global_batch: int, gen, sch
             c = torch.where(keep, c, null_conds[k].to(c.dtype).expand_as(c))
         extra[k] = c.to(device)
     if extra_cond is not None:
-        extra = {k: v[sl].to(device) for k, v in extra_cond(gen, global_batch).items()}
+        extra.update({k: v[sl].to(device) for k, v in extra_cond(gen, global_batch).items()})
     return PDBatch(z_t=z_t, t=t, y=y, extra=extra)
 
 
