@@ -458,3 +458,75 @@ def test_crash_and_resume_on_a_diffusers_teacher_is_bit_identical(pipe_dir, npz,
     assert set(mine) == set(theirs)
     for k in mine:
         assert torch.equal(mine[k], theirs[k]), k
+
+
+def _guided_cmd(pipe_dir, npz, out, *extra):
+    return ["distill", "--method", "guided", "--teacher", str(pipe_dir), "--data", str(npz),
+            "--out", str(out), "--start-steps", "4", "--end-steps", "1", "--updates", "3",
+            "--stage1-updates", "3", "--batch-size", "4", "--eval-every", "50",
+            "--checkpoint-every", "1", "--quiet", *extra]
+
+
+def test_cli_killed_in_stage_2_resumes_bit_identical(pipe_dir, npz, tmp_path, monkeypatch,
+                                                      capsys):
+    assert main(_guided_cmd(pipe_dir, npz, tmp_path / "ref")) == 0
+    forward, calls = DiffusersTeacher.forward, []
+
+    def crashing(self, *a, **k):
+        if (tmp_path / "run" / "stage1").is_dir() and not torch.is_grad_enabled():
+            calls.append(1)
+            # stage 2, round 4 -> 2: held-out (2 teacher passes, 1 student), then 2 teacher
+            # passes per update: dies inside its second update
+            if len(calls) == 7:
+                raise RuntimeError("simulated crash")
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(DiffusersTeacher, "forward", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(_guided_cmd(pipe_dir, npz, tmp_path / "run"))
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "stage1").is_dir()
+    assert list((tmp_path / "run" / "checkpoints").glob("round-*.state"))
+    assert main(_guided_cmd(pipe_dir, npz, tmp_path / "run")) == 0
+    assert "reusing" in capsys.readouterr().out
+    ref, got = (fastdiff.load(tmp_path / d / "student").state_dict() for d in ("ref", "run"))
+    assert set(ref) == set(got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_bf16_teacher_option(pipe_dir, npz, tmp_path, capsys):
+    assert main(_guided_cmd(pipe_dir, npz, tmp_path / "bf16", "--teacher-dtype", "bf16",
+                            "--end-steps", "2")) == 0, capsys.readouterr().err
+    stage1 = fastdiff.load(tmp_path / "bf16" / "stage1")
+    assert all(p.dtype == torch.float32 for p in stage1.parameters())   # the student: fp32
+    from fastdiff.engine.checkpoint import load_config
+
+    assert load_config(tmp_path / "bf16" / "stage1")["metadata"]["teacher_dtype"] == "bf16"
+    rc = main(["distill", "--method", "pd", "--teacher", str(pipe_dir), "--data", str(npz),
+               "--out", str(tmp_path / "pd"), "--teacher-dtype", "bf16", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--teacher-dtype bf16 is for --method guided" in err, err
+
+
+def test_sfd_cli_on_prompt_embeddings_and_its_export_error(pipe_dir, npz, tmp_path, capsys):
+    out = tmp_path / "sfd"
+    assert main(["distill", "--method", "sfd", "--teacher", str(pipe_dir), "--data", str(npz),
+                 "--out", str(out), "--student-steps", "2", "--teacher-substeps", "1",
+                 "--updates", "4", "--batch-size", "2", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    capsys.readouterr()
+    student = fastdiff.load(out / "student")
+    assert isinstance(student, DiffusersTeacher)
+    rc = main(["export", "--model", str(out / "student"), "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not DDIM's trailing grid" in err, err
+
+
+def test_guided_student_lists_parameters_as_a_loaded_one(pipe_dir, tmp_path):
+    """Optimizer state is restored by parameter position: a student that gained w must
+    list its parameters in the order of the same model rebuilt by fastdiff.load."""
+    student = copy.deepcopy(load_diffusers_teacher(pipe_dir))
+    fastdiff.add_scalar_condition(student, "w")
+    back = fastdiff.load(fastdiff.save(student, tmp_path / "s"))
+    assert [n for n, _ in student.named_parameters()] == [n for n, _ in back.named_parameters()]

@@ -206,8 +206,15 @@ def cmd_distill(args, ranks: Ranks = ONE_PROCESS) -> None:
         teacher = _load_teacher(args.teacher)
         if ranks.device is not None:
             teacher = teacher.to(ranks.device)
-        data = None if method == "sfd" else load_dataset(args.data, seed=args.seed)
-        _check_data_fits(teacher, data)
+        text = getattr(teacher, "is_conditional_unet", False)
+        # sfd is data-free: a text-conditional teacher takes only the prompt embeddings
+        data = None if method == "sfd" and not text else load_dataset(args.data,
+                                                                       seed=args.seed)
+        if method != "sfd":
+            _check_data_fits(teacher, data)
+        elif data is not None and not data.conditioned:
+            raise ValueError(f"--data {data.name}: --method sfd with a text-conditional "
+                             "teacher needs a .npz with prompt_embeds (see fastdiff encode)")
         run_distill(teacher, data, args, rank=ranks.rank, world_size=ranks.world_size,
                     wrap_student=ranks.wrap, device=ranks.device)
 

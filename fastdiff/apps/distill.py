@@ -59,7 +59,7 @@ def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap
     if method == "guided":
         distill_guided_cli(teacher, data, args, **parallel)
     elif method == "sfd":
-        distill_sfd_cli(teacher, args, **parallel)
+        distill_sfd_cli(teacher, args, data=data, **parallel)
     else:
         distill_pd_cli(teacher, data, args, **parallel)
 
@@ -123,10 +123,12 @@ def distill_pd_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
 
 
 def distill_sfd_cli(teacher, args, *, rank: int = 0, world_size: int = 1, wrap_student=None,
-                    device=None) -> None:
+                    device=None, data=None) -> None:
     """`fastdiff distill --method sfd`: SFD (data-free) to `--student-steps` network calls
     per sample; its training state in `<out>/checkpoints`, the student in `<out>/student`
-    (metadata: the time grid, AFS, the grid's settings), resumable."""
+    (metadata: the time grid, AFS, the grid's settings), resumable. `data`: a data set
+    whose condition tensors (prompt embeddings, for a text-conditional teacher) the
+    trajectories draw from; its examples are not used."""
     from fastdiff.methods.sfd import distill_sfd
 
     say = _say(rank)
@@ -148,6 +150,8 @@ def distill_sfd_cli(teacher, args, *, rank: int = 0, world_size: int = 1, wrap_s
     options.update({k: v for k, v in parallel.items() if k in accepts})
     if device is not None:
         options["device"] = device
+    if data is not None and data.conditioned:
+        options.update(conds=data.train_conds, null_conds=data.null_conds)
     result = distill_sfd(teacher, **options)
     if rank == 0:
         save(result.student, out / "student",

@@ -369,6 +369,12 @@ class DiffusersTeacher(nn.Module):
         proj = nn.Linear(int(dim), emb.linear_1.in_features, bias=False)
         nn.init.zeros_(proj.weight)
         emb.cond_proj = proj.to(device=ref.device, dtype=ref.dtype)
+        # where diffusers' own constructor puts it (right after linear_1), so that this UNet
+        # lists its parameters in the order of one built from the config (`fastdiff.load`):
+        # optimizer state is saved and restored by parameter position
+        order = ["linear_1", "cond_proj"]
+        emb._modules = {k: emb._modules[k] for k in
+                        order + [k for k in emb._modules if k not in order]}
         self.unet.register_to_config(time_cond_proj_dim=int(dim))
         return self
 

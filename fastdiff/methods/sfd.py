@@ -115,6 +115,9 @@ def _afs_step(z: torch.Tensor, phi_from: float, phi_to: float) -> torch.Tensor:
 def _infer_shape(teacher, data_shape):
     if data_shape is not None:
         return tuple(int(s) for s in data_shape)
+    shape = getattr(_unwrap(teacher), "example_shape", None)  # e.g. a diffusers UNet's
+    if shape is not None:
+        return tuple(int(s) for s in shape)
     cfg = getattr(_unwrap(teacher), "config", None) or {}
     if cfg.get("kind") == "unet":
         return (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
@@ -186,8 +189,12 @@ class _SFDMethod:
     def __init__(self, teacher, student, *, shape, num_classes, label_dropout, student_steps,
                  steps_range, teacher_substeps, solver, schedule, grid_kw, afs, metric,
                  huber_c, loss_space, teacher_final, device, rank, world_size,
-                 gather_at: Callable[[int], bool], on_eval, history: SFDHistory):
+                 gather_at: Callable[[int], bool], on_eval, history: SFDHistory,
+                 conds: dict | None = None, null_conds: dict | None = None):
         self.teacher, self.student = teacher, student
+        # a table of conditions {keyword: (P, ...)}: a trajectory's "label" y indexes it
+        self.table = {k: v.to(device) for k, v in (conds or {}).items()}
+        self.nulls = {k: null_conds[k].to(device) for k in self.table}
         self.shape, self.num_classes, self.label_dropout = shape, num_classes, label_dropout
         self.student_steps, self.steps_range = student_steps, steps_range
         self.substeps, self.solver, self.schedule = teacher_substeps, solver, schedule
@@ -303,9 +310,17 @@ class _SFDMethod:
         self.traj = _Trajectory(batch.steps, *self._grid(batch.steps), batch.noise, batch.y,
                                 final)
 
-    @staticmethod
-    def _teacher_cond(y) -> dict:
-        return {} if y is None else {"y": y}
+    def _teacher_cond(self, y) -> dict:
+        if y is None:
+            return {}
+        if not self.table:
+            return {"y": y}
+        out = {}
+        for k, table in self.table.items():   # y = −1: the null condition
+            rows = table[y.clamp(min=0)]
+            keep = (y >= 0).reshape(-1, *([1] * (rows.ndim - 1)))
+            out[k] = torch.where(keep, rows, self.nulls[k].expand_as(rows))
+        return out
 
     def _student_cond(self, tr: _Trajectory) -> dict:
         cond = self._teacher_cond(tr.y)
@@ -361,15 +376,22 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                 teacher_final: Callable | None = None, checkpoint_every: int = 200,
                 autocast="fp32", compile: bool | str = False, rank: int = 0,
                 world_size: int = 1, wrap_student=None, max_skips: int = 20,
-                extra_settings: dict | None = None) -> SFDResult:
+                extra_settings: dict | None = None, conds: dict | None = None,
+                null_conds: dict | None = None) -> SFDResult:
     """Distil `teacher` into a `student_steps`-NFE sampler with SFD (data-free).
 
     teacher: v-prediction model `teacher(z, t, **cond)` (frozen). student_steps: network
     calls per sample N (≥ 1); teacher_substeps: K solver steps per student interval (the
     teacher's multistep history carries across intervals, so K counts NFE exactly for the
     DPM-Solver++ methods); data_shape: one example's shape (inferred from a fastdiff model's
-    config); num_classes: class labels to condition on (default: the teacher's), drawn
-    uniformly, replaced by the null label −1 with probability `label_dropout`.
+    config, or a diffusers teacher's `example_shape`); num_classes: class labels to condition
+    on (default: the teacher's), drawn uniformly, replaced by the null label −1 with
+    probability `label_dropout`. conds / null_conds: instead of labels, a table of
+    conditions {keyword: float (P, ...)} and their null {keyword: (...)} (e.g. prompt
+    embeddings `encoder_hidden_states` (P, L, D) and the negative prompt's (L, D), from a
+    Dataset's `train_conds` / `null_conds`): each trajectory draws one row uniformly (the
+    null with probability `label_dropout`) and passes it to teacher and student; SFD needs
+    no examples, only these.
     updates: optimizer updates in total (one per interval); batch_size: trajectories per
     update (the global batch across ranks); lr: AdamW learning rate (constant); solver: the
     teacher's method (`solvers.METHODS`); spacing/sigma_max/sigma_min/rho: the student grid
@@ -425,6 +447,18 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
     schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(teacher)
     shape = _infer_shape(teacher, data_shape)
+    conds = {k: torch.as_tensor(v).float() for k, v in (conds or {}).items()}
+    if conds:
+        sizes = {len(v) for v in conds.values()}
+        if len(sizes) != 1 or not min(sizes):
+            raise ValueError(f"conds must hold one non-empty table per keyword, all with the "
+                             f"same number of rows; got {sorted(sizes)}")
+        if num_classes is not None:
+            raise ValueError("give num_classes (labels) or conds (a table of conditions), "
+                             "not both")
+        null_conds = {k: torch.as_tensor(null_conds[k]).float() if null_conds and
+                      k in null_conds else torch.zeros(v.shape[1:]) for k, v in conds.items()}
+        num_classes = sizes.pop()   # trajectories draw a row index like a label
     if num_classes is None:
         num_classes = int(getattr(teacher, "num_classes", 0) or 0)
     teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
@@ -457,7 +491,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                      schedule=schedule, grid_kw=grid_kw, afs=afs, metric=metric,
                      huber_c=huber_c, loss_space=loss_space, teacher_final=teacher_final,
                      device=device, rank=rank, world_size=world_size, gather_at=gather_at,
-                     on_eval=on_eval, history=history)
+                     on_eval=on_eval, history=history, conds=conds, null_conds=null_conds)
     settings = {"student_steps": student_steps, "teacher_substeps": teacher_substeps,
                 "data_shape": list(shape), "num_classes": num_classes,
                 "label_dropout": label_dropout, "solver": solver, "grid": grid_kw, "afs": afs,
@@ -468,6 +502,8 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                 "teacher": fingerprint_tensors(teacher_module) if teacher_module is not None
                 else type(teacher).__name__,
                 "student": start_from}
+    if conds:
+        settings["conds"] = fingerprint_tensors(*conds.values(), *null_conds.values())
     name = f"sfd{student_steps}" + ("v" if steps_range else "") + ("-stage2" if stage_two
                                                                     else "")
     method = Method(name=name, student=student, draw=sfd.draw, loss=sfd.loss,
