@@ -1,5 +1,9 @@
-"""The `fastdiff` command line: train-teacher, distill (pd, guided, sfd), sample, eval, demo,
-profile, compare.
+"""The `fastdiff` command line: train-teacher, distill (pd, guided, sfd), export and encode
+(diffusers pipelines), sample, eval, demo, profile, compare.
+
+`distill --teacher` takes a fastdiff checkpoint or a diffusers pipeline folder; with a
+Stable-Diffusion-style (text-conditional) teacher, `--data` is the latents/prompt_embeds
+`.npz` that `encode` builds, and `export` writes the student back as a pipeline folder.
 
 Errors in what the user asked for (bad flags, a missing or corrupt checkpoint, any OSError,
 an `--out` that cannot be written, a run that diverged) are printed as one line,

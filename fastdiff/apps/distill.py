@@ -5,7 +5,13 @@ job: `run_distill(teacher, data, args, rank=, world_size=, wrap_student=, device
   `--start-steps` to `--end-steps`; rounds in `<out>/checkpoints`, the last student in
   `<out>/student`.
 - guided (`distill_guided_cli`): stage 1, the w-conditioned one-pass model
-  (`<out>/stage1`), then stage 2, PD of it down to `--end-steps`.
+  (`<out>/stage1`), then stage 2, PD of it down to `--end-steps`; with
+  `--stochastic-steps N` also the N-step stochastic-sampler student (`<out>/stochastic`).
+
+A diffusers teacher (a pipeline folder) runs through the same drivers: its data set
+carries the prompt embeddings and the negative prompt's (the null of guidance);
+`--gradient-checkpointing` turns on diffusers' own checkpointing in the UNet the students
+are copied from, `--teacher-dtype` puts guided stage 1's frozen teacher in bf16.
 - sfd (`distill_sfd_cli`, data-free): a `--student-steps`-NFE student trained along the
   teacher's ODE trajectories; its state in `<out>/checkpoints`, the student in
   `<out>/student` with its time grid in the metadata.
