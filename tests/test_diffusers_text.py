@@ -21,9 +21,9 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import fastdiff  # noqa: E402  (before transformers: see integrations.diffusers._shield_kernels_name)
 
-import fastdiff  # noqa: E402
+transformers = pytest.importorskip("transformers")
 from fastdiff.apps.cli import main  # noqa: E402
 from fastdiff.engine.data import DataError, load_dataset  # noqa: E402
 from fastdiff.engine.samplers import sample  # noqa: E402
@@ -529,4 +529,27 @@ def test_guided_student_lists_parameters_as_a_loaded_one(pipe_dir, tmp_path):
     student = copy.deepcopy(load_diffusers_teacher(pipe_dir))
     fastdiff.add_scalar_condition(student, "w")
     back = fastdiff.load(fastdiff.save(student, tmp_path / "s"))
-    assert [n for n, _ in student.named_parameters()] == [n for n, _ in back.named_parameters()]
+    assert [n for n, _ in student.named_parameters()] == \
+        [n for n, _ in back.named_parameters()]
+
+
+def test_progressive_distill_can_drop_used_teachers(pipe_dir, npz):
+    """keep_students=False holds two rounds' models at a time, not every round's."""
+    results = fastdiff.progressive_distill(
+        load_diffusers_teacher(pipe_dir), load_dataset(npz), start_steps=4, end_steps=1,
+        updates=1, batch_size=2, eval_every=100, heldout_size=2, progress=False,
+        keep_students=False)
+    assert [r.steps for r in results] == [2, 1]
+    assert results[0].student is None and isinstance(results[1].student, DiffusersTeacher)
+
+
+def test_transformers_does_not_import_fastdiffs_kernels_twice():
+    """From the repository root, the top-level name `kernels` (which transformers imports
+    when probing for Hugging Face's package) is fastdiff's kernel folder: it must be the
+    module already imported, or every custom op is registered twice."""
+    import sys
+
+    import fastdiff.kernels
+
+    assert sys.modules.get("kernels", fastdiff.kernels) is fastdiff.kernels
+    assert not [m for m in sys.modules if m.startswith("kernels.")]

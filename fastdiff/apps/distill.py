@@ -119,7 +119,7 @@ def distill_pd_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
         checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
         seed=args.seed, compile=args.compile, progress=not args.quiet and rank == 0,
         on_round=lambda result: say(round_summary(result)), rank=rank, world_size=world_size,
-        wrap_student=wrap_student, device=device)
+        wrap_student=wrap_student, device=device, keep_students=False)
     final = results[-1]
     if rank == 0:
         save(final.student, out / "student",
@@ -291,7 +291,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size,
         lr=_pd_lr(args), weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
         checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round,
-        **parallel, **options)
+        keep_students=False, **parallel, **options)
     final = results[-1]
     if rank == 0:
         save(final.student, out / "student",
@@ -302,9 +302,14 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     say(f"guided student for {final.steps} step(s) saved to {out / 'student'}; sample it "
         f"with cond={cond} (one pass per step)")
     if stochastic is not None:
-        source = next(r for r in results if r.steps == 2 * stochastic)
-        _stochastic_cli(source.student, data, args, stochastic, w_min, w_max, say=say,
-                        **parallel)
+        if final.steps == 2 * stochastic:
+            source = final.student
+        else:  # dropped from memory after its round (keep_students=False): read it back
+            source = load(out / "checkpoints" / f"student-{2 * stochastic:05d}")
+            source.sample_steps = 2 * stochastic
+            if device is not None:
+                source = source.to(device)
+        _stochastic_cli(source, data, args, stochastic, w_min, w_max, say=say, **parallel)
 
 
 def _stochastic_cli(teacher, data, args, steps: int, w_min: float, w_max: float, *, say,

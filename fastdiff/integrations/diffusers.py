@@ -537,6 +537,37 @@ register_model_kind(MODEL_KIND, _build_model)
 register_schedule(DiffusersSchedule.name, DiffusersSchedule)
 
 
+def _shield_kernels_name() -> None:
+    """Keep transformers from importing fastdiff's kernels a second time.
+
+    transformers probes for Hugging Face's `kernels` package by importing the top-level name
+    `kernels` when it finds no installed metadata for it. Run from a fastdiff source
+    checkout (the repository root on sys.path, as `python -m pytest` puts it), that name is
+    fastdiff's own kernel folder: importing it again under a second name registers every
+    `fastdiff::` custom op twice, and the next kernel call fails deep in the dispatcher
+    ("ValueError: vector::reserve"). Only when the name resolves to that very folder, it is
+    pointed at the module already imported as `fastdiff.kernels`; an installed `kernels`
+    package is left alone.
+    """
+    import importlib.util
+    import sys
+
+    import fastdiff.kernels as ours
+
+    if "kernels" in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except (ImportError, ValueError):
+        return
+    if spec is not None and spec.origin and \
+            Path(spec.origin).resolve() == Path(ours.__file__).resolve():
+        sys.modules["kernels"] = ours
+
+
+_shield_kernels_name()
+
+
 # --- export ----------------------------------------------------------------------------------
 
 

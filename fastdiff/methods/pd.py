@@ -330,7 +330,7 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
 
 def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
                         updates: int | list = 2000, checkpoint_dir=None, on_round=None,
-                        **round_options) -> list[RoundResult]:
+                        keep_students: bool = True, **round_options) -> list[RoundResult]:
     """Halve the step count from `start_steps` to `end_steps` (powers of two), one round each.
 
     Each round's student (EMA weights) becomes the next round's teacher. `updates` is one
@@ -340,7 +340,12 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     settings are loaded, the current round continues from its last state; a finished round
     of other settings (another teacher, data, lr, seed, ...) raises CheckpointError naming
     the differences. `on_round(result)` is called after each round (e.g. to evaluate or
-    report). Other keyword arguments go to `distill_round`.
+    report). keep_students=False: a round's student is dropped from its result
+    (`result.student = None`) once the next round, whose teacher it is, has finished, so
+    only two rounds' models are held at a time (the last result keeps its student; with
+    `checkpoint_dir` every round's student is on disk as `student-<steps>`): for real
+    UNets, where each copy is params × 4 bytes. Other keyword arguments go to
+    `distill_round`.
     """
     from fastdiff.engine.checkpoint import load, save
 
@@ -382,6 +387,8 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
         results.append(result)
         if on_round is not None:
             on_round(result)
+        if not keep_students and len(results) > 1:
+            results[-2].student = None   # it was this round's teacher: no longer needed
         current = result.student
         steps //= 2
     return results
