@@ -59,6 +59,7 @@ from fastdiff.training.runner import (
     Method,
     RunConfig,
     fingerprint_tensors,
+    frozen_teacher_and_student,
     run,
     update_generator,
 )
@@ -346,15 +347,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
     schedule = schedule or getattr(teacher, "schedule", None) or CosineSchedule()
     device = torch.device(device) if device is not None else model_device(teacher)
     config.device = device
-    teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
-    if teacher_module is not None:
-        teacher_module.eval().requires_grad_(False)
-    # a given student is part of what defines the run; the default copy of the teacher not
-    start_from = fingerprint_tensors(student) if student is not None else "teacher"
-    if student is None:
-        if teacher_module is None:
-            raise TypeError("a plain-callable teacher needs an explicit `student` module")
-        student = copy.deepcopy(teacher_module)
+    teacher_module, student, start_from = frozen_teacher_and_student(teacher, student)
     if "w" not in getattr(student, "scalar_conds", ()):
         # the new embedding's (non-zero) first layer is drawn from `seed`, not the global
         # RNG, so that a run is a pure function of its arguments

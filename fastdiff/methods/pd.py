@@ -20,7 +20,6 @@ one process with the same global batch.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -33,12 +32,14 @@ from fastdiff.engine.models import checked_output
 from fastdiff.engine.nvtx import phase
 from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.kernels import ddim_step, distill_loss, fused_pd_loss, pd_target
-from fastdiff.training.parts import _unwrap, autocast_for, model_device
+from fastdiff.training.parts import autocast_for, model_device
 from fastdiff.training.runner import (
     History,
     Method,
     RunConfig,
+    check_fingerprint,
     fingerprint_tensors,
+    frozen_teacher_and_student,
     json_safe,
     run,
     update_generator,
@@ -283,15 +284,7 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
     device = torch.device(device) if device is not None else model_device(teacher)
     dataset = as_dataset(data)
     steps = teacher_steps // 2
-    teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
-    if teacher_module is not None:
-        teacher_module.eval().requires_grad_(False)
-    # a given student is part of what defines the round; the default copy of the teacher not
-    start_from = fingerprint_tensors(student) if student is not None else "teacher"
-    if student is None:
-        if teacher_module is None:
-            raise TypeError("a plain-callable teacher needs an explicit `student` module")
-        student = copy.deepcopy(teacher_module)
+    teacher_module, student, start_from = frozen_teacher_and_student(teacher, student)
     use_labels = dataset.num_classes > 0 and getattr(student, "num_classes", 0) > 0
     examples, labels = dataset.train, dataset.train_labels
     held: list = []
@@ -422,12 +415,7 @@ def _finished_round(path: Path, teacher_steps: int, fingerprint: dict | None) ->
         return None
     if meta.get("teacher_steps") != teacher_steps:
         return None
-    saved = meta.get("fingerprint") or {}
-    if fingerprint is not None and saved != fingerprint:
-        keys = sorted(set(saved) | set(fingerprint))
-        diff = {k: (saved.get(k), fingerprint.get(k)) for k in keys
-                if saved.get(k) != fingerprint.get(k)}
-        raise CheckpointError(
-            f"{path} is a finished round of another run (saved vs now: {diff}); rerun with "
-            f"the original settings, or start over (--overwrite, or another checkpoint folder)")
+    if fingerprint is not None:
+        check_fingerprint(path, meta.get("fingerprint") or {}, fingerprint,
+                          "is a finished round of another run")
     return meta

@@ -54,7 +54,14 @@ from fastdiff.engine.solvers import METHODS, afs_x_hat, dpmpp_update, solve_inte
 from fastdiff.kernels import ddim_step
 from fastdiff.kernels.sfd_loss import sfd_loss
 from fastdiff.training.parts import _unwrap, model_device
-from fastdiff.training.runner import History, Method, RunConfig, fingerprint_tensors, run
+from fastdiff.training.runner import (
+    History,
+    Method,
+    RunConfig,
+    fingerprint_tensors,
+    frozen_teacher_and_student,
+    run,
+)
 
 STEPS_COND = "steps"
 METRICS = ("l1", "l2", "pseudo_huber")
@@ -461,15 +468,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
         num_classes = sizes.pop()   # trajectories draw a row index like a label
     if num_classes is None:
         num_classes = int(getattr(teacher, "num_classes", 0) or 0)
-    teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
-    if teacher_module is not None:
-        teacher = teacher.eval().requires_grad_(False)
-    # a given student is part of what defines the run; the default copy of the teacher not
-    start_from = fingerprint_tensors(student) if student is not None else "teacher"
-    if student is None:
-        if teacher_module is None:
-            raise TypeError("a plain-callable teacher needs an explicit `student` module")
-        student = copy.deepcopy(teacher_module)
+    teacher_module, student, start_from = frozen_teacher_and_student(teacher, student)
     if steps_range is not None and STEPS_COND not in getattr(student, "scalar_conds", ()):
         add_scalar_condition(student, STEPS_COND, scale=1.0 / steps_range[1])
     student.schedule = schedule

@@ -235,6 +235,33 @@ def fingerprint_tensors(*objects) -> str:
     return h.hexdigest()
 
 
+def frozen_teacher_and_student(teacher, student: nn.Module | None = None):
+    """What every distillation starts from: the teacher's module frozen (eval mode, no
+    gradients; None for a plain callable), the student to train (a deep copy of the teacher
+    unless one is given), and what the fingerprint records of the student's start ("teacher",
+    or the given student's weights). Returns (teacher_module, student, start_from)."""
+    teacher_module = _unwrap(teacher) if isinstance(teacher, nn.Module) else None
+    if teacher_module is not None:
+        teacher_module.eval().requires_grad_(False)
+    start_from = fingerprint_tensors(student) if student is not None else "teacher"
+    if student is None:
+        if teacher_module is None:
+            raise TypeError("a plain-callable teacher needs an explicit `student` module")
+        student = copy.deepcopy(teacher_module)
+    return teacher_module, student, start_from
+
+
+def check_fingerprint(path, saved: dict, now: dict, what: str) -> None:
+    """Raise CheckpointError naming every setting where `saved` and `now` differ."""
+    if saved == now:
+        return
+    keys = sorted(set(saved) | set(now))
+    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    raise CheckpointError(
+        f"{path} {what} (saved vs now: {diff}); rerun with the original settings, or start "
+        f"over (--overwrite, or another checkpoint folder)")
+
+
 def json_safe(settings: dict) -> dict:
     """Settings as JSON values (others by str, non-finite floats as None), so that they
     compare equal after a reload and strict JSON writers accept them."""
@@ -354,14 +381,8 @@ def load_run_state(path, *, student, ema, opt, fingerprint: dict, history_type=H
     """Restore what `save_run_state` wrote. Returns (k, history, carried tensors or None).
     A state written under other settings raises CheckpointError naming the differences."""
     tensors, meta = load_state(path)
-    saved = meta.get("fingerprint", {})
-    if saved != fingerprint:
-        keys = sorted(set(saved) | set(fingerprint))
-        diff = {k: (saved.get(k), fingerprint.get(k)) for k in keys
-                if saved.get(k) != fingerprint.get(k)}
-        raise CheckpointError(
-            f"{path} belongs to a run with other settings (saved vs now: {diff}); rerun with "
-            f"the original settings, or start over (--overwrite, or another checkpoint folder)")
+    check_fingerprint(path, meta.get("fingerprint", {}), fingerprint,
+                      "belongs to a run with other settings")
 
     def part(name):
         pre = f"{name}/"
