@@ -567,13 +567,9 @@ def user_error(e: BaseException) -> str | None:
     """
     from safetensors import SafetensorError
 
-    kinds = [*USER_ERRORS, SafetensorError]
-    try:  # the runner's non-finite guard (fastdiff.training.runner), where it exists
-        from fastdiff.training.runner import NonFiniteError
+    from fastdiff.training.runner import NonFiniteError  # the runner's non-finite guard
 
-        kinds.append(NonFiniteError)
-    except ImportError:
-        pass
+    kinds = [*USER_ERRORS, SafetensorError, NonFiniteError]
     if "torch.distributed" in sys.modules:
         from fastdiff.engine.parallel import RankMismatchError
 

@@ -29,9 +29,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastdiff.engine.checkpoint import CheckpointError, load, load_config, save
+from fastdiff.engine.data import as_dataset
 from fastdiff.engine.parallel import check_same
 from fastdiff.methods.guided import check_w_range, distill_guidance, distill_guided_steps
 from fastdiff.methods.pd import progressive_distill, round_summary
+from fastdiff.training.runner import check_fingerprint, fingerprint_tensors
 
 METHODS = ("pd", "guided", "sfd")
 PD_LR = 5e-4  # --lr of pd and guided stage 2 (sfd's default is distill_sfd's own)
@@ -202,8 +204,12 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
         raise ValueError(f"--stage1-updates must be a positive integer, got {stage1_updates}")
     if not stage1_lr > 0:
         raise ValueError(f"--stage1-lr must be positive, got {stage1_lr}")
+    dataset = as_dataset(data)
+    # a finished stage 1 of another teacher or data must not be reused either
     stage1_settings = {"w_min": w_min, "w_max": w_max, "updates": stage1_updates,
-                       "lr": stage1_lr, "batch_size": args.batch_size, "seed": args.seed}
+                       "lr": stage1_lr, "batch_size": args.batch_size, "seed": args.seed,
+                       "teacher": fingerprint_tensors(teacher),
+                       "data": fingerprint_tensors(dataset.train, dataset.train_labels)}
     dtype = teacher_dtype(args, device)
     if dtype == "bf16":
         stage1_settings["teacher_dtype"] = "bf16"
@@ -222,11 +228,8 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     if stage1_path.exists():
         try:
             meta = load_config(stage1_path).get("metadata", {})
-            differ = {k: (meta.get(k), v) for k, v in stage1_settings.items()
-                      if meta.get(k) != v}
-            if differ:
-                raise CheckpointError(f"it was trained with other settings (saved vs now: "
-                                      f"{differ})")
+            check_fingerprint(stage1_path, {k: meta.get(k) for k in stage1_settings},
+                              stage1_settings, "was trained with other settings")
             stage1 = memory_options(load(stage1_path), args)
             say(f"stage 1: reusing {stage1_path}")
         except (CheckpointError, OSError, ValueError) as e:

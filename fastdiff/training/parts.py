@@ -63,14 +63,22 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
                              fused=fused or None)
 
 
-def autocast_for(device: torch.device, autocast: str | None | bool):
-    """bf16 autocast where asked ("bf16", or None = on for CUDA devices that support bf16)."""
+def autocast_name(device: torch.device, autocast: str | None | bool) -> str:
+    """"bf16" or "fp32": what `autocast` means on `device` (None = bf16 on CUDA devices that
+    support it, fp32 elsewhere)."""
     if autocast is None:
-        autocast = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else False
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if autocast in (False, "none", "fp32"):
-        return contextlib.nullcontext()
+        return "fp32"
     if autocast not in (True, "bf16"):
         raise ValueError(f"autocast must be 'bf16', 'fp32' or None, got {autocast!r}")
+    return "bf16"
+
+
+def autocast_for(device: torch.device, autocast: str | None | bool):
+    """bf16 autocast where asked (see `autocast_name`), else a no-op context."""
+    if autocast_name(device, autocast) == "fp32":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 

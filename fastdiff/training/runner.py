@@ -52,10 +52,12 @@ from fastdiff.training.parts import (
     Progress,
     _unwrap,
     autocast_for,
+    autocast_name,
     check_global_batch,
     linear_lr,
     make_optimizer,
     maybe_compile,
+    model_device,
 )
 
 
@@ -418,9 +420,8 @@ class _Losses:
         self.pending: list = []
         self.next_k = first                       # the update index of pending[0]
         self.run = 0                              # consecutive skips up to now
-        for k in reversed(range(first)):          # a resumed run continues the count
-            if k not in set(history.skipped):
-                break
+        skipped = set(history.skipped)
+        while first - 1 - self.run in skipped:    # a resumed run continues the count
             self.run += 1
 
     def add(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
@@ -451,7 +452,8 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
     history: an empty instance of a History subclass to fill (a method's own field names).
     """
     config.check()
-    device = torch.device(config.device) if config.device is not None else _device_of(method)
+    device = torch.device(config.device) if config.device is not None \
+        else model_device(method.student)
     student = method.student.to(device).train().requires_grad_(True)
     rank, world = config.rank, config.world_size
     opt = make_optimizer(student, config.lr, config.weight_decay)
@@ -494,7 +496,7 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
                 "replicating wrapper (fastdiff.engine.parallel.ddp_wrapper)")
     train_model = checked_output(train_model, "student")
     amp = autocast_for(device, config.autocast)
-    history.policy = {"autocast": _autocast_name(device, config.autocast),
+    history.policy = {"autocast": autocast_name(device, config.autocast),
                       "compile": config.compile or False,
                       "fused_adamw": bool(opt.defaults.get("fused"))}
     bar = Progress(config.updates, method.name, config.progress and rank == 0, initial=start)
@@ -578,16 +580,3 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
         write_state()                   # a rerun after this point trains nothing
     out = ema.shadow if ema is not None else copy.deepcopy(student).requires_grad_(False)
     return RunResult(student=out.eval(), history=history)
-
-
-def _device_of(method: Method) -> torch.device:
-    try:
-        return next(method.student.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _autocast_name(device: torch.device, autocast) -> str:
-    if autocast is None:
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if autocast in (True, "bf16") else "fp32"
