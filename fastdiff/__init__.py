@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 from fastdiff.engine.checkpoint import CheckpointError, load, save
 from fastdiff.engine.data import DataError, Dataset, as_dataset, load_dataset
 from fastdiff.engine.grids import sfd_grid, time_grid
+from fastdiff.engine.inference import frozen
 from fastdiff.engine.models import MLP, UNet, add_scalar_condition, as_v_model
 from fastdiff.engine.samplers import SAMPLERS, sample
 from fastdiff.engine.schedules import CosineSchedule, LinearLogSNRSchedule
@@ -42,6 +43,7 @@ __all__ = [
     "CosineSchedule",
     "LinearLogSNRSchedule",
     "sample",
+    "frozen",
     "train_teacher",
     "distill_round",
     "progressive_distill",
