@@ -6,10 +6,10 @@ Providers, run side by side for each (op, size, dtype):
 * ``eager``: the same math as a user would write it in unfused torch (float32 inside);
 * ``compile``: ``torch.compile(eager, dynamic=False)``, compiled once per shape and dtype
   outside the timed region;
-* ``proposed`` (fused_pd_loss on CPU): fastdiff's op with its torch forward and backward
-  implementations wrapped in torch.compile, the change proposed for kernels/;
-* ``proposed-1pass`` (fused_pd_loss on CPU): one compiled pass computing the loss and the
-  gradient together (gradient kept for backward, scaled there by the upstream gradient).
+* ``fastdiff-2pass`` (losses with a one-pass variant): the lean eager route with the
+  one-pass variant off (a forward pass, then a recomputing backward pass);
+* ``fastdiff-op``: every call through the ``torch.library`` custom op (the route
+  torch.compile traces; the only eager route before the lean one): its dispatch cost.
 
 Every provider computes everything from the same inputs (tensors and float64 angles),
 including the per-sample coefficients. ``extra_info["GBps"]`` is the fewest bytes the op
@@ -95,26 +95,28 @@ OPS = {
 ANGLES = {"ddim_step": 2, "pd_target": 3, "distill_loss_fwd": 1, "distill_loss_fwdbwd": 1,
           "fused_pd_loss_fwdbwd": 3}
 
-# size name -> shape (B, C, H, W); "8x8" is a batch of 64 8×8 digit-sized images
+# size name -> shape (B, C, H, W); "128x8x8": a batch of 128 8×8 digit-sized images (the
+# tiny call, bound by fixed per-call host cost)
 SIZES = {
-    "8x8": (64, 1, 8, 8),          # 4,096 elements
+    "128x8x8": (128, 1, 8, 8),     # 8,192 elements
     "64K": (64, 1, 32, 32),        # 65,536
     "1M": (64, 4, 64, 64),         # 1,048,576
     "16M": (64, 4, 256, 256),      # 16,777,216
     "64M": (256, 4, 256, 256),     # 67,108,864 (CUDA only)
 }
 PROVIDERS = ("fastdiff", "eager", "compile")
-#: A candidate fix, measured through the real op: fastdiff's CPU torch path (forward and
-#: backward implementations of the custom op) wrapped in torch.compile. Only where it matters.
-PROPOSED_OPS = {"fused_pd_loss_fwdbwd"}
-QUICK = {("fused_pd_loss_fwdbwd", "1M", "fp32"), ("ddim_step", "8x8", "fp32")}
+#: Routes of fastdiff's own op compared side by side with the shipped one (CPU and CUDA):
+#: the two-pass lean route and the custom-op route, where they differ from "fastdiff".
+ROUTE_OPS = {"fused_pd_loss_fwdbwd": ("fastdiff-2pass", "fastdiff-op"),
+             "distill_loss_fwdbwd": ("fastdiff-op",), "ddim_step": ("fastdiff-op",)}
+QUICK = {("fused_pd_loss_fwdbwd", "1M", "fp32"), ("ddim_step", "128x8x8", "fp32")}
 
 
 def _sizes_for(dtype_name: str) -> list[str]:
     if common.is_cuda():
         return list(SIZES)
     # CPU: three sizes up to 16M so that the whole suite keeps under 10 minutes
-    return ["8x8", "1M", "16M"]
+    return ["128x8x8", "1M", "16M"]
 
 
 def _cases():
@@ -122,10 +124,7 @@ def _cases():
         for dtype in common.dtypes():
             dn = common.dtype_name(dtype)
             for size in _sizes_for(dn):
-                extra = ()
-                if op in PROPOSED_OPS and not common.is_cuda() and size != "8x8":
-                    extra = ("proposed", "proposed-1pass")
-                for provider in PROVIDERS + extra:
+                for provider in PROVIDERS + ROUTE_OPS.get(op, ()):
                     quick = (op, size, dn) in QUICK and provider in PROVIDERS
                     marks = [pytest.mark.quick] if quick else []
                     yield pytest.param(op, size, dn, provider, marks=marks,
@@ -154,82 +153,30 @@ def make_inputs(op: str, shape, dtype: torch.dtype, seed: int = 0):
 _COMPILED: dict = {}  # this group's compiled artefacts (cleared when the group changes)
 
 
-def _proposed(op, size, dn):
-    """The proposed kernels/ change, for one call at a time: the op's CPU torch
-    implementations (looked up as module globals at each call) swapped for
-    torch.compile'd ones during the call, so the interleaved `fastdiff` provider keeps
-    the shipped path."""
-    mod = importlib.import_module("fastdiff.kernels.fused_pd_loss")  # the module, not the op
-    key = ("proposed", size, dn)
-    if key not in _COMPILED:
-        _COMPILED[key] = (torch.compile(mod._fused_pd_loss_torch, dynamic=False),
-                          torch.compile(mod._fused_pd_loss_backward_torch, dynamic=False))
-    fwd, bwd = _COMPILED[key]
-    shipped = (mod._fused_pd_loss_torch, mod._fused_pd_loss_backward_torch)
-    op_fn = OPS[op][0]
+def _route(fn, *, one_pass: bool = True, eager_route: bool = True):
+    """`fn` with fastdiff's route switches (kernels._register) set for the call only, so
+    that the interleaved `fastdiff` provider keeps the shipped defaults."""
+    reg = importlib.import_module("fastdiff.kernels._register")
 
-    def fn(*args):
-        mod._fused_pd_loss_torch, mod._fused_pd_loss_backward_torch = fwd, bwd
+    def call(*args):
+        saved = reg.ONE_PASS, reg.EAGER_ROUTE
+        reg.ONE_PASS, reg.EAGER_ROUTE = one_pass, eager_route
         try:
-            return op_fn(*args)
+            return fn(*args)
         finally:
-            mod._fused_pd_loss_torch, mod._fused_pd_loss_backward_torch = shipped
+            reg.ONE_PASS, reg.EAGER_ROUTE = saved
 
-    return fn
-
-
-def _loss_and_grad_f32(vs, z, v1, v2, cz, c1, c2, scale):
-    """l2 loss and its gradient wrt vs in one pass (compiled: one read of each input)."""
-    d = vs.float() - (_col(cz, z) * z.float() + _col(c1, z) * v1.float()
-                      + _col(c2, z) * v2.float())
-    loss = (d.square().flatten(1).sum(dim=1) * scale).sum()
-    return loss, (_col(2 * scale, d) * d).to(vs.dtype)
-
-
-class _OnePassFusedPDLoss(torch.autograd.Function):
-    """Forward computes the loss and the gradient together and keeps the gradient;
-    backward only scales it by the upstream gradient (usually 1): 5 N elements moved
-    instead of 9 N for a forward pass followed by a recomputing backward pass."""
-
-    @staticmethod
-    def forward(ctx, compiled, vs, z, v1, v2, cz, c1, c2, scale):
-        loss, grad = compiled(vs, z, v1, v2, cz, c1, c2, scale)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, upstream):
-        (grad,) = ctx.saved_tensors
-        return (None, grad * upstream.to(grad.dtype)) + (None,) * 7
-
-
-def _one_pass_fused_pd_loss(size, dn):
-    """fastdiff's host side (float64 coefficients, weights) + the one-pass compiled body."""
-    from fastdiff.kernels._metrics import row_scale
-    from fastdiff.kernels.pd_target import pd_angles, pd_coefficients
-
-    key = ("proposed-1pass", size, dn)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_loss_and_grad_f32, dynamic=False)
-    compiled = _COMPILED[key]
-
-    def fn(vs, z, v1, v2, phi_t, phi_mid, phi_end):
-        phi_t, phi_mid, phi_end = pd_angles(vs, phi_t, phi_mid, phi_end)
-        cz, c1, c2 = pd_coefficients(phi_t, phi_mid, phi_end)
-        scale = row_scale(phi_t, "snr_trunc", vs.numel() // vs.shape[0])
-        return _OnePassFusedPDLoss.apply(compiled, vs, z, v1, v2, cz, c1, c2, scale)
-
-    return fn
+    return call
 
 
 def _callable(op, provider, size, dn):
-    if provider == "proposed-1pass":
-        return _one_pass_fused_pd_loss(size, dn)
-    if provider == "proposed":
-        return _proposed(op, size, dn)
     fastdiff_fn, eager_fn = OPS[op][0], OPS[op][1]
     if provider == "fastdiff":
         return fastdiff_fn
+    if provider == "fastdiff-2pass":
+        return _route(fastdiff_fn, one_pass=False)
+    if provider == "fastdiff-op":
+        return _route(fastdiff_fn, eager_route=False)
     if provider == "eager":
         return eager_fn
     key = (op, size, dn)

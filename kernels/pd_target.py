@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._metrics import weight_from_sincos
 from ._register import launch_elementwise, per_sample, register_linear_op
 from .ddim_step import _per_sample, ddim_step_reference
 from .dispatch import sample_block, tl, triton
@@ -81,17 +82,38 @@ _pd_target_op = register_linear_op("pd_target", _pd_target_torch, _pd_target_tri
 
 
 # ---------------------------------------------------------------- 5. public function
+#: Rows D1 = phi_mid - phi_t, D2 = phi_end - phi_mid, D = phi_end - phi_t and phi_t
+#: itself, as a matrix applied to the stacked angles (phi_t, phi_mid, phi_end): one call for
+#: all four, each the single rounding of its float64 difference (coefficients 0 and +-1).
+_ROWS = ((-1.0, 1.0, 0.0), (0.0, -1.0, 1.0), (-1.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+_ROW_MATRIX: dict = {}  # device -> _ROWS as a float64 tensor there
+
+
+def _row_matrix(device: torch.device) -> Tensor:
+    m = _ROW_MATRIX.get(device)
+    if m is None:
+        m = torch.tensor(_ROWS, dtype=torch.float64, device=device)
+        if not torch.compiler.is_compiling():  # a traced constant is not cached
+            _ROW_MATRIX[device] = m
+    return m
+
+
 def pd_coefficients64(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
-                      check: bool = True) -> Tensor:
-    """``(3, B)`` float64 rows ``c_z, c_1, c_2`` from float64 angles.
+                      check: bool = True, weighting: str | None = None,
+                      n_per_sample: int = 1) -> Tensor:
+    """``(3, B)`` float64 rows ``c_z, c_1, c_2`` from float64 ``(B,)`` angles; with a
+    ``weighting``, ``(4, B)``: the loss scale ``weight_b / (B * n_per_sample)`` first (the
+    layout of ``fused_pd_loss``'s ``coef``), its sines and cosines shared with the target's.
 
     Raises ValueError where ``phi_end == phi_t`` (sin D = 0) unless ``check`` is False
     or the call is being traced by torch.compile (a data-dependent check cannot be). The
     check runs only on CPU angles: on a GPU it would cost a device sync on every call.
+    About a dozen small torch calls: this is the fixed host cost of a tiny batch.
     """
-    d1 = phi_mid - phi_t
-    d2 = phi_end - phi_mid
-    sin_d = torch.sin(phi_end - phi_t)
+    angles = torch.stack((phi_t, phi_mid, phi_end))
+    x = torch.mm(_row_matrix(angles.device), angles)  # D1, D2, D, phi_t
+    sin, cos = x.sin(), x.cos()
+    sin_d1, sin_d2, sin_d, sin_phi = sin.unbind(0)
     if check and sin_d.device.type == "cpu" and not torch.compiler.is_compiling() \
             and not bool(sin_d.all()):
         bad = torch.nonzero(sin_d == 0).flatten().tolist()
@@ -99,8 +121,14 @@ def pd_coefficients64(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
             f"phi_end equals phi_t for sample(s) {bad[:8]}: a zero-length step has no "
             "v target (sin(phi_end - phi_t) = 0)"
         )
-    sin_d1, sin_d2 = torch.sin(d1), torch.sin(d2)
-    return torch.stack((sin_d1 * sin_d2, torch.cos(d2) * sin_d1, sin_d2)).div_(sin_d)
+    target = (sin_d1 * sin_d2, cos[1] * sin_d1, sin_d2)
+    if weighting is None:
+        return torch.stack(target).div_(sin_d)
+    weight = weight_from_sincos(sin_phi, cos[3], weighting,
+                                1.0 / (angles.shape[1] * n_per_sample))
+    rows = torch.stack((weight,) + target)
+    rows[1:].div_(sin_d)
+    return rows
 
 
 def pd_coefficients(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,

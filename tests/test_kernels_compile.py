@@ -16,6 +16,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from fastdiff.kernels import (  # noqa: E402
+    _register,
     ddim_step,
     dispatch,
     distill_loss,
@@ -93,23 +94,32 @@ CASES = {
 }
 
 
-def torch_impls(name):
-    """The torch implementations behind an op's custom ops (forward; backward for a loss)."""
+#: losses with a one-pass (loss and gradient together) torch implementation
+ONE_PASS = {"fused_pd_loss"}
+
+
+def torch_impls(name, one_pass=False):
+    """The torch implementations a forward and backward call of the op runs (forward and
+    backward for a loss; the one-pass one where that route is taken)."""
     short = {"guided_distill_loss": "guided_loss"}.get(name, name)  # module, function prefix
     module = importlib.import_module(f"fastdiff.kernels.{short}")
+    if one_pass:
+        return [getattr(module, f"_{short}_and_grad_torch")]
     impls = [getattr(module, f"_{short}_torch")]
     if CASES[name][2]:
         impls.append(getattr(module, f"_{short}_backward_torch"))
     return impls
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_large_cpu_tensors_take_the_compiled_torch_path(monkeypatch, name):
-    """Above CPU_COMPILE_MIN_ELEMENTS every op's torch path (and a loss's backward op) runs
-    torch.compile'd; it must compute what the eager path and the float64 reference
-    compute (output, and the gradient of a loss)."""
+@pytest.mark.parametrize("name,one_pass", [(name, False) for name in CASES]
+                         + [(name, True) for name in sorted(ONE_PASS)])
+def test_large_cpu_tensors_take_the_compiled_torch_path(monkeypatch, name, one_pass):
+    """Above CPU_COMPILE_MIN_ELEMENTS every op's torch path (and a loss's backward op, or
+    its one-pass implementation) runs torch.compile'd; it must compute what the eager path
+    and the float64 reference compute (output, and the gradient of a loss)."""
     call, reference, is_loss = CASES[name]
     monkeypatch.setenv("FASTDIFF_KERNELS", "torch")
+    monkeypatch.setattr(_register, "ONE_PASS", one_pass)
     g = torch.Generator().manual_seed(3)
     batch, n = 4, dispatch.CPU_COMPILE_MIN_ELEMENTS // 4 + 3  # not a multiple of anything
     tensors = [torch.randn(batch, n, generator=g) for _ in range(4)]
@@ -125,7 +135,7 @@ def test_large_cpu_tensors_take_the_compiled_torch_path(monkeypatch, name):
         return out.detach(), first.grad
 
     fast, fast_grad = out_and_grad(True)
-    for impl in torch_impls(name):
+    for impl in torch_impls(name, one_pass):
         assert impl in dispatch._compiled, f"{impl.__name__}: the compiled path was not taken"
     eager, eager_grad = out_and_grad(False)
     first64 = tensors[0].double().requires_grad_(is_loss)
