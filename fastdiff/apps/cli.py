@@ -354,6 +354,14 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.guided and args.diffusers:
+        raise ValueError("--guided and --diffusers are two demos; choose one")
+    if args.diffusers:
+        from fastdiff.apps.diffusers_demo import run_diffusers_demo
+
+        out = args.out if args.out != "runs/demo" else "runs/diffusers-demo"
+        run_diffusers_demo(out, quick=args.quick, progress=not args.quiet)
+        return
     if args.guided:
         from fastdiff.apps.guided_demo import run_guided_demo
 
@@ -548,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="updates per halving (default: 300, 300, 400, 600, 800, 1000 for "
                         "64->32 ... 2->1; later rounds get more)")
     m.add_argument("--guided", action="store_true", help="the guided-distillation demo")
+    m.add_argument("--diffusers", action="store_true",
+                   help="guided distillation of a tiny text-conditional diffusers "
+                        "UNet2DConditionModel teacher (issue 16's quality report; default "
+                        "--out runs/diffusers-demo)")
+    m.add_argument("--quick", action="store_true",
+                   help="with --diffusers: a tiny teacher and a few updates (a plumbing "
+                        "test; the numbers mean nothing)")
     common(m)
     m.set_defaults(func=cmd_demo)
 

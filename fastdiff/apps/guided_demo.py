@@ -26,7 +26,7 @@ from fastdiff.methods.guided import (
 )
 from fastdiff.methods.pd import round_summary
 
-__all__ = ["run_guided_demo"]
+__all__ = ["fid_ratio", "format_score", "run_guided_demo", "score_guided", "w_cond"]
 
 
 def _grid_batch(per_class: int = 10, seed: int = 4321, num_classes: int = 10):
@@ -54,6 +54,46 @@ def _throughput_ratio(student, teacher, noise, labels, steps: int, w: float,
     return {"student_samples_per_s": n / med_s, "teacher_samples_per_s": n / med_t,
             "ratio": med_t / med_s, "steps": steps, "batch": n, "repeats": repeats,
             "device": str(noise.device)}
+
+
+def w_cond(y: torch.Tensor, w: float) -> dict:
+    """The condition of a w-conditioned student: labels y int64 (B,) and w float32 (B,)."""
+    return {"y": y, "w": torch.full((len(y),), float(w))}
+
+
+def score_guided(model, batches, metric, N: int, w: float, *, guided_teacher: bool = False,
+                 stochastic: bool = False) -> tuple[float, float, float]:
+    """(FID mean, accuracy mean, FID sd; sd NaN for one draw) of `model` at N steps and
+    guidance w over `batches`, a list of (noise float (n, 1, 8, 8), labels int64 (n,)):
+    the teacher with two-pass classifier-free guidance (`guided_teacher`), or a w-conditioned
+    student, DDIM or the stochastic sampler (`stochastic`; its renoising draws are fixed per
+    noise set, seed 99 + k, so every model sees the same). `metric`: a `DigitsFID` (score,
+    class_accuracy: the fraction read as the requested digit)."""
+    fids, accs = [], []
+    for k, (z, y) in enumerate(batches):
+        if guided_teacher:
+            x = sample(model, z, N, cond={"y": y}, guidance=float(w))
+        elif stochastic:
+            x = sample(model, z, N, sampler="stochastic", cond=w_cond(y, w),
+                       generator=torch.Generator().manual_seed(99 + k))
+        else:
+            x = sample(model, z, N, cond=w_cond(y, w))
+        fids.append(metric.score(x))
+        accs.append(metric.class_accuracy(x, y))
+    draws = len(batches)
+    sd = float(torch.tensor(fids, dtype=torch.float64).std()) if draws > 1 else float("nan")
+    return sum(fids) / draws, sum(accs) / draws, sd
+
+
+def format_score(r) -> str:
+    """"mean ± sd" of a `score_guided` triple ("mean" when sd is NaN, "—" for None)."""
+    return "—" if r is None else (f"{r[0]:.3f}" if r[2] != r[2] else
+                                  f"{r[0]:.3f} ± {r[2]:.3f}")
+
+
+def fid_ratio(a, b) -> float:
+    """FID of score triple `a` over that of `b` (NaN when either is None)."""
+    return float("nan") if a is None or b is None else a[0] / b[0]
 
 
 def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 4, 8),
@@ -115,25 +155,8 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
     timings = {}
 
     def score(model, N: int, w: float, *, guided_teacher=False, stochastic=False):
-        """(FID mean, accuracy mean, FID sd) over the draws of `model` at N steps and w: the
-        teacher with two-pass guidance, or a w-conditioned student (DDIM or the stochastic
-        sampler, whose renoising draws are fixed per noise set so every model sees the same)."""
-        fids, accs = [], []
-        for k, (z, y) in enumerate(batches):
-            if guided_teacher:
-                x = sample(model, z, N, cond={"y": y}, guidance=float(w))
-            elif stochastic:
-                x = sample(model, z, N, sampler="stochastic", cond=w_cond(y, w),
-                           generator=torch.Generator().manual_seed(99 + k))
-            else:
-                x = sample(model, z, N, cond=w_cond(y, w))
-            fids.append(metric.score(x))
-            accs.append(metric.class_accuracy(x, y))
-        sd = float(torch.tensor(fids, dtype=torch.float64).std()) if draws > 1 else float("nan")
-        return sum(fids) / draws, sum(accs) / draws, sd
-
-    def w_cond(y, w):
-        return {"y": y, "w": torch.full((len(y),), float(w))}
+        return score_guided(model, batches, metric, N, w, guided_teacher=guided_teacher,
+                            stochastic=stochastic)
 
     def reuse(path, settings: dict):
         """(model, metadata) of a finished stage at `path` saved with these `settings`, else
@@ -282,12 +305,7 @@ def run_guided_demo(out="runs/guided", *, ws=(0.0, 1.0, 2.0, 4.0), steps=(1, 2, 
          "student DDIM FID", "student acc", "student stochastic FID", "acc",
          "stochastic-trained student FID", "acc"], rows)
 
-    def pm(r):
-        return "—" if r is None else (f"{r[0]:.3f}" if r[2] != r[2] else
-                                      f"{r[0]:.3f} ± {r[2]:.3f}")
-
-    def ratio(a, b):
-        return float("nan") if a is None or b is None else a[0] / b[0]
+    pm, ratio = format_score, fid_ratio
 
     s1_rows = [[w, s1_init.get(w), s1_err.get(w), pm(teacher_res[(w, reference_steps)]),
                 pm(s1_res[w]), ratio(s1_res[w], teacher_res[(w, reference_steps)]) - 1.0,
