@@ -96,7 +96,8 @@ def angles(name: str, phi, batch: int, device: torch.device) -> torch.Tensor:
             )
         if phi.requires_grad:
             phi = phi.detach()
-        phi = phi.to(device=device, dtype=torch.float64)
+        if phi.dtype != torch.float64 or phi.device != device:  # no call where none is due
+            phi = phi.to(device=device, dtype=torch.float64)
         return phi if phi.dim() else phi.expand(batch)
     if isinstance(phi, Real) and not isinstance(phi, bool):
         return torch.full((batch,), float(phi), dtype=torch.float64, device=device)

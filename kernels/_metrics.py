@@ -52,7 +52,7 @@ def weight_from_sincos(sin_phi: torch.Tensor, cos_phi: torch.Tensor, weighting: 
     if weighting == "snr_trunc":
         return torch.maximum(cos_phi.square(), sin_phi.square()).mul_(scale)
     if weighting == "snr+1":
-        return torch.full_like(sin_phi, scale)
+        return torch.full_like(sin_phi, scale)  # weight 1
     if weighting == "const":
         return sin_phi.square().mul_(scale)
     raise ValueError(f"weighting={weighting!r} is not valid; expected one of {WEIGHTINGS}")
@@ -126,7 +126,7 @@ def loss_and_grad_torch(d: torch.Tensor, scale: torch.Tensor, metric: str, huber
         grad = d / root * col
         value = d.square_().div_(root.add_(huber_c))
     per_sample = value.reshape(d.shape[0], -1).sum(dim=1)
-    return weighted_sum(per_sample, scale), grad.to(dtype)
+    return weighted_sum(per_sample, scale), grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def loss_grad_torch(d: torch.Tensor, gscale: torch.Tensor, metric: str, huber_c: float,

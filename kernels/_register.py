@@ -36,25 +36,19 @@ import torch
 from torch import Tensor
 
 from ._metrics import METRIC_CODES, huber_constexpr
-from .dispatch import BLOCK, backend_for, blocks_per_row, cpu_fused, row_chunks
+from .dispatch import BLOCK, backend_for, blocks_per_row, cpu_fused, intercepted, row_chunks
 
 # ---------------------------------------------------------------- routes
 #: The lean eager route (see :class:`KernelOp`); ``FASTDIFF_KERNELS_EAGER=0`` at import, or
 #: this flag at run time (tests), sends every call through the custom op instead.
 EAGER_ROUTE: bool = os.environ.get("FASTDIFF_KERNELS_EAGER", "1") != "0"
 
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_functorch_active = torch._C._are_functorch_transforms_active
-_is_compiling = torch.compiler.is_compiling
-
 
 def eager_route(first) -> bool:
-    """Whether a call may take the lean route: a plain tensor, nothing tracing it
-    (torch.compile / export), no dispatch mode (FakeTensorMode, opcheck, a recording mode)
-    and no functorch transform active. Everything else needs the custom op's schema, fake
-    and autograd formula, so it goes through the op."""
-    return (EAGER_ROUTE and type(first) is Tensor and not _is_compiling()
-            and not _dispatch_modes() and not _functorch_active())
+    """Whether a call may take the lean route: a plain tensor (not a fake or a tensor
+    subclass) and nothing tracing or intercepting the call (:func:`intercepted`).
+    Everything else needs the custom op's schema, fake and autograd formula."""
+    return EAGER_ROUTE and type(first) is Tensor and not intercepted()
 
 
 class KernelOp:
@@ -137,11 +131,19 @@ def register_op(name: str, torch_impl, triton_impl, *, fake=_like_first) -> Kern
 
 
 def _function(name: str, forward, setup_context, backward):
-    """A ``torch.autograd.Function`` subclass (the lean route's autograd node), in the
-    ``setup_context`` style, so that it has the custom op's formula verbatim."""
+    """A ``torch.autograd.Function`` subclass (the lean route's autograd node) running
+    ``forward`` and then the custom op's ``setup_context`` on its inputs and output, so
+    that it has the custom op's formula verbatim. Written in the classic style (ctx as
+    forward's first argument): an ``apply`` of the setup_context style binds its arguments
+    through ``inspect.signature`` on every call, several times the cost of this one."""
+
+    def forward_with_context(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
     return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(forward_with_context),
         "backward": staticmethod(backward),
     })
 

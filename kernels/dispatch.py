@@ -82,6 +82,19 @@ def backend_for(tensor: torch.Tensor) -> str:
     return "triton"
 
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
+
+
+def intercepted() -> bool:
+    """Whether something other than plain eager execution sees this call: torch.compile or
+    export tracing, a dispatch mode (FakeTensorMode, opcheck, a recording mode) or a
+    functorch transform. Such calls take the custom ops and the torch coefficient forms;
+    the lean route and the numpy coefficients are for plain eager calls only."""
+    return _is_compiling() or bool(_dispatch_modes()) or _functorch_active()
+
+
 def row_chunks(batch: int):
     """Yield ``(row_start, rows)`` pieces of the batch, each small enough for grid axis 1."""
     for start in range(0, batch, MAX_ROWS_PER_LAUNCH):

@@ -28,7 +28,7 @@ from ._register import (
 )
 from .dispatch import sample_block, tl, triton
 from .distill_loss import distill_loss_reference
-from .pd_target import _pd_target_torch_f32, pd_angles, pd_coefficients64, pd_target_reference
+from .pd_target import pd_coefficient_rows, pd_target_reference
 
 if triton is not None:
     from ._metrics import store_loss_grad, store_loss_partial
@@ -98,9 +98,14 @@ def _fused_pd_loss_and_grad_triton(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor
 
 # ---------------------------------------------------------------- 2. torch implementation
 def _difference_f32(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor) -> Tensor:
-    """``v_student - target`` in float32 (one temporary, reused in place)."""
+    """``v_student - c_z z - c_1 v_1 - c_2 v_2`` in float32 (the float32 coefficients
+    promote any input dtype): three fused multiply-adds into one fresh temporary, two
+    calls fewer than forming the target and subtracting it (the rounding differs from the
+    Triton kernel's ``vs - target`` by float32 rounding only)."""
     _, cz, c1, c2 = per_sample(coef, vs)
-    return _pd_target_torch_f32(z, v1, v2, cz, c1, c2).neg_().add_(vs)
+    d = torch.addcmul(vs, z, cz, value=-1.0)
+    d.addcmul_(v1, c1, value=-1.0)
+    return d.addcmul_(v2, c2, value=-1.0)
 
 
 def _fused_pd_loss_torch(vs: Tensor, z: Tensor, v1: Tensor, v2: Tensor, coef: Tensor,
@@ -155,7 +160,5 @@ def fused_pd_loss(v_student: Tensor, z_t: Tensor, v_1: Tensor, v_2: Tensor, phi_
     _checks.check_choice("weighting", weighting, _checks.WEIGHTINGS)
     _checks.check_choice("metric", metric, _checks.METRICS)
     huber_c = _checks.check_huber_c(huber_c)
-    n = v_student.numel() // v_student.shape[0]
-    coef = pd_coefficients64(*pd_angles(v_student, phi_t, phi_mid, phi_end),
-                             weighting=weighting, n_per_sample=n).to(torch.float32)
+    coef = pd_coefficient_rows(v_student, phi_t, phi_mid, phi_end, weighting)
     return _fused_pd_loss_op(v_student, z_t, v_1, v_2, coef, metric, huber_c)

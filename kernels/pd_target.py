@@ -12,6 +12,8 @@ catastrophically in float32 for small steps; it is kept only as the float64 refe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -82,20 +84,27 @@ _pd_target_op = register_linear_op("pd_target", _pd_target_torch, _pd_target_tri
 
 
 # ---------------------------------------------------------------- 5. public function
-#: Rows D1 = phi_mid - phi_t, D2 = phi_end - phi_mid, D = phi_end - phi_t and phi_t
-#: itself, as a matrix applied to the stacked angles (phi_t, phi_mid, phi_end): one call for
-#: all four, each the single rounding of its float64 difference (coefficients 0 and +-1).
-_ROWS = ((-1.0, 1.0, 0.0), (0.0, -1.0, 1.0), (-1.0, 0.0, 1.0), (1.0, 0.0, 0.0))
-_ROW_MATRIX: dict = {}  # device -> _ROWS as a float64 tensor there
+#: The arguments whose sines give every coefficient, as ``M @ (phi_t, phi_mid, phi_end)
+#: + shift``: D2 = phi_end - phi_mid, D2 + pi/2 (sin = cos D2), D1 = phi_mid - phi_t,
+#: D = phi_end - phi_t, phi_t, phi_t + pi/2 (sin = cos phi_t). One matmul and one sin for
+#: all of them: the differences are single roundings of float64 differences (matrix
+#: entries 0 and +-1), and a cosine taken as the sine of x + pi/2 is off by ~1e-16
+#: absolute, far below the float32 rounding of every coefficient that uses it (cos D2 ~ 1
+#: in c_1; cos^2 phi enters the weight only where it is the larger of cos^2 and sin^2).
+_ROWS = ((0.0, -1.0, 1.0), (0.0, -1.0, 1.0), (-1.0, 1.0, 0.0), (-1.0, 0.0, 1.0),
+         (1.0, 0.0, 0.0), (1.0, 0.0, 0.0))
+_SHIFT = (0.0, math.pi / 2, 0.0, 0.0, 0.0, math.pi / 2)
+_ROW_MATRIX: dict = {}  # device -> (_SHIFT as a column, _ROWS) as float64 tensors there
 
 
-def _row_matrix(device: torch.device) -> Tensor:
-    m = _ROW_MATRIX.get(device)
-    if m is None:
-        m = torch.tensor(_ROWS, dtype=torch.float64, device=device)
+def _row_matrix(device: torch.device) -> tuple[Tensor, Tensor]:
+    pair = _ROW_MATRIX.get(device)
+    if pair is None:
+        pair = (torch.tensor(_SHIFT, dtype=torch.float64, device=device).view(-1, 1),
+                torch.tensor(_ROWS, dtype=torch.float64, device=device))
         if not torch.compiler.is_compiling():  # a traced constant is not cached
-            _ROW_MATRIX[device] = m
-    return m
+            _ROW_MATRIX[device] = pair
+    return pair
 
 
 def pd_coefficients64(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
@@ -103,32 +112,40 @@ def pd_coefficients64(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
                       n_per_sample: int = 1) -> Tensor:
     """``(3, B)`` float64 rows ``c_z, c_1, c_2`` from float64 ``(B,)`` angles; with a
     ``weighting``, ``(4, B)``: the loss scale ``weight_b / (B * n_per_sample)`` first (the
-    layout of ``fused_pd_loss``'s ``coef``), its sines and cosines shared with the target's.
+    layout of ``fused_pd_loss``'s ``coef``), its sines and cosines formed with the target's.
 
     Raises ValueError where ``phi_end == phi_t`` (sin D = 0) unless ``check`` is False
     or the call is being traced by torch.compile (a data-dependent check cannot be). The
     check runs only on CPU angles: on a GPU it would cost a device sync on every call.
-    About a dozen small torch calls: this is the fixed host cost of a tiny batch.
+    This is a small batch's largest fixed host cost, hence the few calls (about ten, each
+    a few microseconds whatever B is).
     """
-    angles = torch.stack((phi_t, phi_mid, phi_end))
-    x = torch.mm(_row_matrix(angles.device), angles)  # D1, D2, D, phi_t
-    sin, cos = x.sin(), x.cos()
-    sin_d1, sin_d2, sin_d, sin_phi = sin.unbind(0)
+    shift, matrix = _row_matrix(phi_t.device)
+    # (mm, then add: addmm with a broadcast bias takes a slower BLAS path here)
+    sin = torch.mm(matrix, torch.stack((phi_t, phi_mid, phi_end))).add_(shift).sin_()
+    sin_d = sin[3]
     if check and sin_d.device.type == "cpu" and not torch.compiler.is_compiling() \
             and not bool(sin_d.all()):
-        bad = torch.nonzero(sin_d == 0).flatten().tolist()
-        raise ValueError(
-            f"phi_end equals phi_t for sample(s) {bad[:8]}: a zero-length step has no "
-            "v target (sin(phi_end - phi_t) = 0)"
-        )
-    target = (sin_d1 * sin_d2, cos[1] * sin_d1, sin_d2)
-    if weighting is None:
-        return torch.stack(target).div_(sin_d)
-    weight = weight_from_sincos(sin_phi, cos[3], weighting,
-                                1.0 / (angles.shape[1] * n_per_sample))
-    rows = torch.stack((weight,) + target)
-    rows[1:].div_(sin_d)
+        raise zero_step_error(torch.nonzero(sin_d == 0).flatten().tolist())
+    first = 0 if weighting is None else 1
+    rows = sin.new_empty((first + 3, sin.shape[1]))
+    torch.mul(sin[0:2], sin[2], out=rows[first:first + 2])  # sin D2 sin D1, cos D2 sin D1
+    rows[first + 2] = sin[0]
+    rows[first:].div_(sin_d)
+    if weighting is not None:
+        scale = 1.0 / (sin.shape[1] * n_per_sample)
+        if weighting == "snr_trunc":  # max(cos^2 phi, sin^2 phi)
+            torch.mul(sin[4:6].square().amax(dim=0), scale, out=rows[0])
+        else:
+            rows[0] = weight_from_sincos(sin[4], sin[5], weighting, scale)
     return rows
+
+
+def zero_step_error(bad: list) -> ValueError:
+    return ValueError(
+        f"phi_end equals phi_t for sample(s) {bad[:8]}: a zero-length step has no "
+        "v target (sin(phi_end - phi_t) = 0)"
+    )
 
 
 def pd_coefficients(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
@@ -136,6 +153,16 @@ def pd_coefficients(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
     """``(3, B)`` float32 rows ``c_z, c_1, c_2`` (formed in float64, see
     :func:`pd_coefficients64`, rounded once)."""
     return pd_coefficients64(phi_t, phi_mid, phi_end, check).to(torch.float32)
+
+
+def pd_coefficient_rows(like: Tensor, phi_t, phi_mid, phi_end, weighting: str | None = None
+                        ) -> Tensor:
+    """The float32 ``coef`` of ``pd_target`` (``(3, B)``) or, with a ``weighting``, of
+    ``fused_pd_loss`` (``(4, B)``, the loss scale ``weight_b / (B * n)`` first) for data
+    ``like``, on its device (:func:`pd_coefficients64`, rounded once)."""
+    batch = like.shape[0]
+    return pd_coefficients64(*pd_angles(like, phi_t, phi_mid, phi_end), weighting=weighting,
+                             n_per_sample=like.numel() // batch).to(torch.float32)
 
 
 def pd_angles(z_t: Tensor, phi_t, phi_mid, phi_end) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,4 +186,4 @@ def pd_target(z_t: Tensor, v_1: Tensor, v_2: Tensor, phi_t, phi_mid, phi_end) ->
     _checks.check_like("z_t", z_t, "v_2", v_2)
     _checks.check_same_dtype("z_t", z_t, "v_1", v_1)
     _checks.check_same_dtype("z_t", z_t, "v_2", v_2)
-    return _pd_target_op(z_t, v_1, v_2, pd_coefficients(*pd_angles(z_t, phi_t, phi_mid, phi_end)))
+    return _pd_target_op(z_t, v_1, v_2, pd_coefficient_rows(z_t, phi_t, phi_mid, phi_end))

@@ -17,6 +17,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from fastdiff.kernels import (  # noqa: E402
+    WEIGHTINGS,
     _register,
     distill_loss,
     fused_pd_loss,
@@ -26,7 +27,10 @@ from fastdiff.kernels import (  # noqa: E402
 )
 from fastdiff.kernels.distill_loss import distill_loss_reference  # noqa: E402
 from fastdiff.kernels.guided_loss import guided_distill_loss_reference  # noqa: E402
+from fastdiff.kernels.pd_target import pd_coefficients64  # noqa: E402
 from fastdiff.kernels.sfd_loss import sfd_loss_reference  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("FASTDIFF_TEST_DEVICE", "cpu"))  # set by conftest.py
@@ -195,3 +199,43 @@ def test_loss_sum_over_many_rows_is_float64(monkeypatch):
         for name, (loss, ref) in cases.items():
             err = abs(float(loss) - float(ref)) / abs(float(ref))
             assert err < 1e-7, (name, metric, err)
+
+
+# ---------------------------------------------------------------- coefficients
+def _direct_rows(t, m, e, weighting, n):
+    """fused_pd_loss's coef rows straight from their formulas (float64, then float32)."""
+    d1, d2, d = m - t, e - m, e - t
+    weight = {"snr_trunc": torch.maximum(torch.cos(t) ** 2, torch.sin(t) ** 2),
+              "snr+1": torch.ones_like(t), "const": torch.sin(t) ** 2}[weighting]
+    rows = (weight / (t.shape[0] * n), torch.sin(d1) * torch.sin(d2) / torch.sin(d),
+            torch.cos(d2) * torch.sin(d1) / torch.sin(d), torch.sin(d2) / torch.sin(d))
+    return torch.stack(rows).float()
+
+
+@settings(deadline=None, max_examples=60)
+@given(data=st.data(), batch=st.integers(1, 9), weighting=st.sampled_from(WEIGHTINGS),
+       n=st.sampled_from([1, 7, 1025]))
+def test_coefficient_rows_match_their_formulas(data, batch, weighting, n):
+    """One matmul of angle differences and one sin (cosines as sines of x + pi/2) give the
+    float32 rows the formulas give, to a float32 rounding, including t = 1 and t'' = 0."""
+    ts, mids, ends = [], [], []
+    for _ in range(batch):
+        phi_t = data.draw(st.one_of(st.just(HALF_PI), st.floats(1e-4, HALF_PI)))
+        phi_end = data.draw(st.one_of(st.just(0.0), st.floats(0.0, phi_t - 1e-4)))
+        ts.append(phi_t)
+        ends.append(phi_end)
+        mids.append(data.draw(st.one_of(st.just(0.5 * (phi_t + phi_end)),
+                                        st.floats(phi_end, phi_t))))
+    t, m, e = (torch.tensor(x, dtype=torch.float64) for x in (ts, mids, ends))
+    close = {"rtol": 2.0**-23, "atol": 1e-30}
+    direct = _direct_rows(t, m, e, weighting, n)
+    torch.testing.assert_close(
+        pd_coefficients64(t, m, e, weighting=weighting, n_per_sample=n).float(), direct,
+        **close)
+    torch.testing.assert_close(pd_coefficients64(t, m, e).float(), direct[1:], **close)
+
+
+def test_zero_step_is_rejected_naming_the_sample():
+    phi = torch.tensor([0.5, 0.3], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"phi_end equals phi_t for sample\(s\) \[1\]"):
+        pd_coefficients64(phi, phi - 0.1, torch.tensor([0.2, 0.3], dtype=torch.float64))
