@@ -204,3 +204,11 @@ def test_compiled_sampling_equals_eager_and_stale_weights_recompile():
     del model, net, old_graph
     gc.collect()
     assert ref() is None
+
+
+def test_the_benchmarks_plain_loop_is_the_same_ddim():
+    from benchmarks.sampling import plain_ddim
+
+    model = TinyV().eval()
+    ours = sample(model, NOISE, 4, compile=False)
+    torch.testing.assert_close(plain_ddim(model, NOISE, 4), ours, rtol=1e-5, atol=1e-5)

@@ -14,8 +14,8 @@ Freezing bakes the weights in, so a graph compiled before the weights changed mu
 run after: every call compares the weights' identity, storage and version counter (an
 in-place update such as an optimizer step, `load_state_dict` or an EMA lerp bumps it) with
 those at compile time (about 50 us for 150 tensors), and compiles afresh when they differ.
-Not seen: writes through `param.data` (a tensor with a version counter of its own); call
-`frozen(model)` after such a write and nothing is noticed either: use `refreeze(model)`.
+Not seen: writes through `param.data` (a tensor with a version counter of its own, so
+nothing tells such a write apart from no write); after one, call `refreeze(model)`.
 
 Two facts about torch 2.13 that shape the code (measured here):
 
