@@ -430,7 +430,8 @@ def test_gradient_checkpointing_changes_memory_not_gradients(pipe_dir):
 def _guided_stage1(teacher, ds, ckpt):
     return fastdiff.distill_guidance(teacher, ds, updates=4, batch_size=4, lr=1e-3,
                                      checkpoint_dir=ckpt, checkpoint_every=1, eval_every=100,
-                                     heldout_size=2, eval_ws=(0.0, 2.0), progress=False)
+                                     heldout_size=2, eval_ws=(0.0, 2.0), progress=False,
+                                     policy="off")   # its measurement would call the teacher
 
 
 def test_crash_and_resume_on_a_diffusers_teacher_is_bit_identical(pipe_dir, npz, tmp_path,
@@ -470,15 +471,15 @@ def _guided_cmd(pipe_dir, npz, out, *extra):
 def test_cli_killed_in_stage_2_resumes_bit_identical(pipe_dir, npz, tmp_path, monkeypatch,
                                                       capsys):
     assert main(_guided_cmd(pipe_dir, npz, tmp_path / "ref")) == 0
-    forward, calls = DiffusersTeacher.forward, []
+    forward = DiffusersTeacher.forward
+    checkpoints = tmp_path / "run" / "checkpoints"
 
     def crashing(self, *a, **k):
-        if (tmp_path / "run" / "stage1").is_dir() and not torch.is_grad_enabled():
-            calls.append(1)
-            # stage 2, round 4 -> 2: held-out (2 teacher passes, 1 student), then 2 teacher
-            # passes per update: dies inside its second update
-            if len(calls) == 7:
-                raise RuntimeError("simulated crash")
+        # stage 2, round 4 -> 2 writes its state after every update: the first teacher pass
+        # once that state exists is inside its second update
+        if (tmp_path / "run" / "stage1").is_dir() and not torch.is_grad_enabled() \
+                and list(checkpoints.glob("round-*.state")):
+            raise RuntimeError("simulated crash")
         return forward(self, *a, **k)
 
     monkeypatch.setattr(DiffusersTeacher, "forward", crashing)
@@ -553,3 +554,21 @@ def test_transformers_does_not_import_fastdiffs_kernels_twice():
 
     assert sys.modules.get("kernels", fastdiff.kernels) is fastdiff.kernels
     assert not [m for m in sys.modules if m.startswith("kernels.")]
+
+
+def test_fastdiff_sample_takes_a_text_conditional_diffusers_model(pipe_dir, npz, tmp_path,
+                                                                   capsys):
+    model = load_diffusers_teacher(pipe_dir)
+    fastdiff.save(model, tmp_path / "m")
+    out = tmp_path / "latents.npz"
+    assert main(["sample", "--model", str(tmp_path / "m"), "--steps", "2", "--n", "3",
+                 "--data", str(npz), "--out", str(out)]) == 0
+    got = torch.from_numpy(np.load(out)["latents"])
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    e = torch.from_numpy(np.load(npz)["prompt_embeds"])[:3]
+    want = sample(model, noise, 2, cond={"encoder_hidden_states": e})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert main(["sample", "--model", str(tmp_path / "m"), "--steps", "2", "--n", "3",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text-conditional: give --data" in err[0], err

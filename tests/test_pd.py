@@ -98,7 +98,10 @@ def test_progressive_distill_halves_down_and_skips_finished_rounds(toy, tmp_path
     results = progressive_distill(teacher, data, **kw)
     assert [r.steps for r in results] == [4, 2]
     assert (tmp_path / "student-00004").is_dir() and (tmp_path / "student-00002").is_dir()
-    again = progressive_distill(teacher, data, **kw)  # everything finished: reloaded
+    loaded: list = []
+    again = progressive_distill(teacher, data, on_load=loaded.append, **kw)  # reloaded
+    assert [m.sample_steps for m in loaded] == [4, 2]   # on_load saw each reloaded student
+    assert all(m is r.student for m, r in zip(loaded, again))
     for a, b in zip(results, again):
         for p, q in zip(a.student.parameters(), b.student.parameters()):
             assert torch.equal(p, q)

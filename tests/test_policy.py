@@ -85,12 +85,14 @@ def test_bf16_teacher_taken_when_faster_and_accurate_short_round_not_compiled():
 
 def test_long_round_compiles_the_teacher_when_the_saving_covers_the_compile():
     timer = FakeTimer(_times(teacher={"bf16": 8e-3}))
-    policy, record = _decide(timer, updates=20000)
-    # eager bf16: 40000 x 8 ms = 320 s; compiled fp32: 25 s + 40000 x 10 ms / 1.41 = 309 s
+    policy, record = _decide(timer, updates=40000)
+    # eager bf16: 80000 x 8 ms = 640 s; compiled fp32: 40 s + 80000 x 10 ms / 1.4 = 611 s
+    seconds, speed = pol.COMPILE_SECONDS["cpu"]["teacher"], pol.COMPILE_PRIORS["cpu"]["teacher"]
+    assert (seconds, speed["fp32"]) == (40.0, 1.4)   # the engine's priors for `frozen`
     assert policy.teacher_compile and not policy.teacher_bf16
     assert record["expected_round_s"]["teacher"]["compile fp32"] == pytest.approx(
-        25 + 40000 * 10e-3 / 1.41)
-    assert not policy.student_compile  # 1.04x prior: 20000 x 0.4 ms < 51 s
+        seconds + 80000 * 10e-3 / speed["fp32"])
+    assert not policy.student_compile  # 1.04x prior: 40000 x 0.4 ms < 51 s
 
 
 def test_a_variant_within_the_margin_is_not_taken():
@@ -208,3 +210,98 @@ def test_apply_puts_the_policy_to_work():
     assert applied.student is student
     with applied.student_autocast():
         assert applied.student(z, t).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- wired into the runner
+def _toy_round(**kw):
+    from fastdiff.methods.pd import distill_round
+
+    torch.manual_seed(0)
+    teacher = kw.pop("teacher", None) or Recorder()
+    data = torch.randn(64, 2, 4, 4)   # 2 channels: a channels_last layout is visible
+    return distill_round(teacher, data, teacher_steps=4, updates=kw.pop("updates", 6),
+                         batch_size=16, lr=1e-3, eval_every=3, progress=False, **kw)
+
+
+class Recorder(nn.Module):
+    """A conv "teacher" that notes, per call, whether autocast was on and the input layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Conv2d(2, 2, 3, padding=1)
+        self.calls: list = []
+
+    def forward(self, z, t, **cond):
+        self.calls.append((torch.is_autocast_enabled("cpu"),
+                           z.is_contiguous(memory_format=torch.channels_last)
+                           and not z.is_contiguous()))
+        return self.net(z)
+
+
+def test_a_round_records_its_policy_and_a_short_round_is_not_measured():
+    r = _toy_round()
+    p = r.history.policy
+    assert set(p["decided"]) == set(pol.FIELDS) and not any(p["decided"].values())
+    assert "too short" in p["record"]["reasons"]["all"]
+    assert p["record"]["eager_round_estimate_s"] < 30
+    assert p["fused_adamw"] is True
+    json.dumps(p, allow_nan=False)   # strict JSON: it goes into checkpoints and reports
+
+
+def test_forced_choices_reach_the_teacher_the_loss_calls():
+    teacher = Recorder()
+    r = _toy_round(teacher=teacher, policy={"teacher_bf16": True,
+                                            "teacher_channels_last": True})
+    assert r.history.policy["decided"]["teacher_bf16"] is True
+    trained = teacher.calls[-2:]           # the last update's two teacher passes
+    assert trained == [(True, True), (True, True)], teacher.calls
+    off = Recorder()
+    _toy_round(teacher=off, policy="off")
+    assert off.calls[-1] == (False, False)
+
+
+def test_a_forced_policy_is_honoured_and_legacy_flags_force_it():
+    r = _toy_round(autocast="fp32", policy={"teacher_compile": False,
+                                            "teacher_channels_last": False,
+                                            "student_compile": False,
+                                            "student_channels_last": False})
+    assert r.history.policy["record"]["reasons"] == {"teacher": "all forced",
+                                                     "student": "all forced"}
+    with pytest.raises(ValueError, match="unknown policy choices"):
+        _toy_round(policy={"teacher_fast": True})
+
+
+def test_a_resumed_round_keeps_the_choices_it_made(tmp_path):
+    forced = {"student_channels_last": True}
+    first = _toy_round(updates=6, checkpoint_dir=tmp_path, checkpoint_every=3, policy=forced)
+    state = tmp_path / "round-00004-to-00002.state"
+    assert state.exists()
+    from fastdiff.engine.checkpoint import load_state
+
+    tensors, meta = load_state(state)
+    meta["update"] = 3                 # as if killed after update 3: rerun from there
+    meta["history"].update(stopped_by="", loss=meta["history"]["loss"][:3])
+    meta["history"]["policy"]["decided"]["teacher_channels_last"] = True
+    from fastdiff.engine.checkpoint import save_state
+
+    save_state(state, tensors, meta)
+    again = _toy_round(updates=6, checkpoint_dir=tmp_path, checkpoint_every=3, policy=forced)
+    p = again.history.policy
+    assert p["record"].get("resumed") is True
+    assert p["decided"]["teacher_channels_last"] is True      # recorded, not re-decided
+    assert p["decided"]["student_channels_last"] is True
+    assert first.history.policy["decided"]["teacher_channels_last"] is False
+
+
+def test_the_cli_takes_a_policy_and_names_a_bad_one(capsys):
+    from fastdiff.apps.cli import build_parser
+
+    base = ["distill", "--teacher", "t", "--out", "o"]
+    parse = build_parser().parse_args
+    assert parse(base).policy == "auto"
+    assert parse([*base, "--policy", "off"]).policy == "off"
+    assert parse([*base, "--policy", "teacher_compile=on,student_bf16=off"]).policy == {
+        "teacher_compile": True, "student_bf16": False}
+    with pytest.raises(SystemExit):
+        parse([*base, "--policy", "teacher_turbo=on"])
+    assert "NAME one of teacher_compile" in capsys.readouterr().err

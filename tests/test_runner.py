@@ -80,6 +80,7 @@ def test_nan_from_the_teacher_is_skipped_and_never_checkpointed(toy, tmp_path):
     # two held-out passes first, then two per update: updates 1, 5 and 14 get a NaN
     flaky = Flaky(teacher, bad={4, 5, 12, 30})
     r = distill_round(flaky, data, teacher_steps=4, updates=30, batch_size=64, lr=1e-3,
+                      policy="off",   # the policy's measurement would call the teacher too
                       eval_every=10, checkpoint_dir=tmp_path, checkpoint_every=5,
                       progress=False, student=copy.deepcopy(teacher))
     h = r.history
@@ -101,6 +102,7 @@ def test_persistent_nan_stops_with_one_error_and_keeps_the_last_good_state(toy, 
     flaky = Flaky(teacher, from_=2 + 2 * 12)
     with pytest.raises(NonFiniteError, match=r"updates 12\.\.19: 8 consecutive") as err:
         distill_round(flaky, data, teacher_steps=4, updates=40, batch_size=64, lr=1e-3,
+                      policy="off",   # the policy's measurement would call the teacher too
                       checkpoint_dir=tmp_path / "bad", checkpoint_every=10, progress=False,
                       max_skips=5, student=copy.deepcopy(teacher))
     assert "last good state" in str(err.value)

@@ -178,7 +178,7 @@ def test_nan_from_the_teacher_is_skipped(tmp_path):
     # 2k and 2k + 1. Call 4 (update 2, a trajectory's first interval) spoils that
     # trajectory, so updates 2 and 3 are skipped; call 11 (update 5, a last interval) only 5
     teacher = Flaky(_teacher(), bad={4, 11})
-    r = sfd.distill_sfd(teacher, student_steps=2, updates=8, checkpoint_every=2,
+    r = sfd.distill_sfd(teacher, student_steps=2, updates=8, checkpoint_every=2, policy="off",
                         checkpoint_dir=tmp_path, student=_teacher(), **BASE)
     h = r.history
     assert h.skipped == [2, 3, 5], h.skipped
@@ -193,7 +193,7 @@ def test_nan_from_the_teacher_is_skipped(tmp_path):
 def test_persistent_nan_stops_and_keeps_the_last_good_state(tmp_path):
     teacher = Flaky(_teacher(), from_=6)   # every update from 3 on
     with pytest.raises(NonFiniteError, match="consecutive"):
-        sfd.distill_sfd(teacher, student_steps=2, updates=20, checkpoint_every=2,
+        sfd.distill_sfd(teacher, student_steps=2, updates=20, checkpoint_every=2, policy="off",
                         max_skips=3, checkpoint_dir=tmp_path, student=_teacher(), **BASE)
     state = tmp_path / "sfd-2.state"
     assert _carried(state)[0] == 4 and _finite_state(state)

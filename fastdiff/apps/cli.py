@@ -37,6 +37,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _policy(text: str):
+    """--policy: "auto", "off", or choices such as "teacher_compile=on,student_bf16=off"
+    (the fields of fastdiff.training.policy.Policy; on/off/auto each)."""
+    from fastdiff.training.policy import FIELDS
+
+    if text in ("auto", "off"):
+        return text
+    values = {"on": True, "off": False, "auto": None}
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in FIELDS or value not in values:
+            raise argparse.ArgumentTypeError(
+                f"expected auto, off or NAME=on|off|auto,... with NAME one of "
+                f"{', '.join(FIELDS)}; got {part!r}")
+        out[name] = values[value]
+    return out
+
+
 def _positive_int(text: str, *, most: int | None = None) -> int:
     try:
         value = int(text)
@@ -182,6 +201,7 @@ def cmd_train_teacher(args, ranks: Ranks = ONE_PROCESS) -> None:
         teacher = train_teacher(
             model, data, updates=args.updates, batch_size=args.batch_size, lr=args.lr,
             label_dropout=args.label_dropout, seed=args.seed, compile=args.compile,
+            policy=args.policy,
             progress=not args.quiet and ranks.is_main, device=ranks.device, rank=ranks.rank,
             world_size=ranks.world_size, wrap_model=ranks.wrap,
             checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every)
@@ -282,19 +302,35 @@ def cmd_sample(args) -> None:
     shape = _example_shape(model)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, *shape, generator=g)
-    cond = {}
+    cond = _text_cond(model, args.data, args.n)
     if getattr(model, "num_classes", 0):
         labels = (torch.full((args.n,), args.label, dtype=torch.long) if args.label is not None
                   else torch.arange(args.n) % model.num_classes)
-        cond = {"y": labels}
+        cond["y"] = labels
+    if args.guidance is not None and "encoder_hidden_states" in cond \
+            and "w" not in getattr(model, "scalar_conds", ()):
+        raise ValueError("--guidance of a text-conditional model needs a guidance-distilled "
+                         "student (w as an input); for the teacher itself use the exported "
+                         "pipeline's guidance_scale = 1 + w")
     cond, guidance = guidance_inputs(model, cond, args.guidance, args.n)
     x = sample(model, noise, args.steps, sampler=args.sampler, cond=cond, guidance=guidance,
                generator=g)
     out = Path(args.out)
-    if len(shape) == 1:
+    if out.suffix == ".npz":   # latents as they are (e.g. for the pipeline's VAE)
+        import numpy as np
+
+        from fastdiff.engine.checkpoint import atomic_write
+
+        def write(tmp):
+            with open(tmp, "wb") as f:   # a file object: np.savez would append ".npz"
+                np.savez(f, latents=x.float().numpy())
+
+        atomic_write(out, write)
+    elif len(shape) == 1:
         save_scatter(x, out, title=f"{args.steps} steps, {args.sampler}")
     else:
-        save_grid(x, out, nrow=10 if cond else None)
+        save_grid(x[:, :3] if x.shape[1] not in (1, 3) else x, out,
+                  nrow=10 if "y" in cond or "encoder_hidden_states" in cond else None)
     print(f"wrote {out}")
 
 
@@ -304,7 +340,37 @@ def _example_shape(model):
         return (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
     if cfg.get("kind") == "mlp":
         return (cfg["dim"],)
-    raise ValueError("cannot tell the sample shape of this model: expected a fastdiff UNet/MLP")
+    unet_cfg = getattr(getattr(model, "unet", None), "config", None)
+    if unet_cfg is not None:   # a diffusers UNet (fastdiff.integrations.diffusers)
+        size = unet_cfg.get("sample_size")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (unet_cfg["in_channels"], h, w)
+    raise ValueError("cannot tell the sample shape of this model: expected a fastdiff UNet/MLP "
+                     "or a diffusers UNet")
+
+
+def _text_cond(model, data, n: int) -> dict:
+    """{"encoder_hidden_states": (n, L, D)} for a text-conditional diffusers model: the
+    prompt embeddings of `data` (an .npz with prompt_embeds, as `fastdiff encode` writes),
+    example i taking prompt i mod N; {} for other models."""
+    if not getattr(model, "is_conditional_unet", False) \
+            or getattr(model, "default_encoder_hidden_states", None) is not None:
+        return {}
+    if not data:
+        raise ValueError("this model is text-conditional: give --data FILE.npz with "
+                         "prompt_embeds (N, L, D) (fastdiff encode writes one)")
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(data) as f:
+            e = torch.from_numpy(np.asarray(f["prompt_embeds"], dtype=np.float32))
+    except KeyError:
+        raise ValueError(f"{data} has no prompt_embeds for this text-conditional model") \
+            from None
+    if e.ndim != 3 or not len(e):
+        raise ValueError(f"{data}: prompt_embeds must be (N, L, D), got {tuple(e.shape)}")
+    return {"encoder_hidden_states": e[torch.arange(n) % len(e)]}
 
 
 # --- eval ----------------------------------------------------------------------------------
@@ -391,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def policy_flag(sp):
+        sp.add_argument("--policy", type=_policy, default="auto",
+                        help="speed levers for the frozen teacher and the student: auto "
+                             "(default: decided from the device and a short measurement "
+                             "against the round's length, recorded in the history), off "
+                             "(plain eager fp32), or e.g. teacher_compile=on,student_bf16=off")
+
     def writes(sp, what):
         sp.add_argument("--overwrite", action="store_true",
                         help=f"start over: remove the {what} of an earlier run in --out "
@@ -418,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_positive_int, default=500,
                    help="updates between crash-safe checkpoints (in --out/checkpoints)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    policy_flag(t)
     writes(t, "teacher and its training state")
     common(t)
     t.set_defaults(func=cmd_train_teacher)
@@ -459,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="updates between crash-safe checkpoints")
     d.add_argument("--compile", action="store_true", help="torch.compile the student")
+    policy_flag(d)
     d.add_argument("--guided", action="store_true",
                    help="the same as --method guided (Meng et al.): w-conditioned student, "
                         "then halving")
@@ -529,7 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=int, default=None,
                    help="class label for every sample (default: 0..9 cycling)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
-    s.add_argument("--out", default="samples.png", help="PNG to write")
+    s.add_argument("--data", default=None,
+                   help="a text-conditional diffusers model: .npz with prompt_embeds (sample i "
+                        "takes prompt i mod N)")
+    s.add_argument("--out", default="samples.png",
+                   help="PNG to write (or .npz: the samples/latents as an array)")
     common(s)
     s.set_defaults(func=cmd_sample)
 

@@ -24,6 +24,7 @@ from fastdiff.eval.metrics import DigitsFID, cache_dir
 from fastdiff.eval.report import markdown_table, save_curves, save_grid, write_text
 from fastdiff.methods.pd import progressive_distill
 from fastdiff.training import train_teacher
+from fastdiff.training.policy import describe
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,14 @@ def run_demo(out: str | Path = "runs/demo", *, start_steps: int = 64, updates=DE
             f"± {teacher_scores[n].fid_std:.3f}, RMSE to teacher-{ref_steps} "
             f"{teacher_scores[n].rmse:.4f}")
 
-    student_scores, round_time, stopped = {}, {}, {}
+    student_scores, round_time, stopped, policies = {}, {}, {}, {}
 
     def on_round(result):
         s = result.steps
         student_scores[s], x = score_model(result.student, s, metric, reference, draws=draws)
         round_time[s] = result.history.wall_time
         stopped[s] = result.history.stopped_by or "updates"
+        policies[s] = describe(result.history.policy)
         save_grid(x[:100], out / f"student-{s:03d}-steps.png", nrow=10)
         log(f"student {s:3d} steps: FID-digits {student_scores[s].fid:.3f} "
             f"(teacher DDIM {teacher_scores[s].fid:.3f}), RMSE {student_scores[s].rmse:.4f} "
@@ -220,6 +222,8 @@ def run_demo(out: str | Path = "runs/demo", *, start_steps: int = 64, updates=DE
         f"teacher's {ref_steps}-step sample from the same noise: student {four_s.rmse:.4f} vs "
         f"teacher DDIM {four_t.rmse:.4f} (ratio {four_s.rmse / four_t.rmse:.2f}).")
     upd = updates if isinstance(updates, int) else ", ".join(map(str, updates))
+    policy_lines = "\n".join(f"- {s * 2} → {s} steps: {policies[s]}"
+                              for s in sorted(policies, reverse=True))
     text = f"""# fastdiff demo: progressive distillation on digits
 
 Teacher: class-conditional UNet (v-prediction, cosine schedule) trained on scikit-learn's 8×8
@@ -249,6 +253,11 @@ Sample grids (one digit class per column): {", ".join(f"[student {n}](student-{n
 [teacher {start_steps}](teacher-{start_steps:03d}-steps.png),
 [teacher {ref_steps}](teacher-{ref_steps:03d}-steps.png).
 
+Speed policy per round (`history.policy`: what the runner chose for the frozen teacher and
+the student, and why):
+
+{policy_lines}
+
 Distillation wall time: {sum(round_time.values()):.0f} s over {len(round_time)} rounds
 (rounds reloaded from `checkpoints/` count their original time); whole demo run
 {total:.0f} s.
@@ -258,6 +267,7 @@ Distillation wall time: {sum(round_time.values()):.0f} s over {len(round_time)} 
         {"teacher": {n: asdict(v) for n, v in teacher_scores.items()},
          "student": {n: asdict(v) for n, v in student_scores.items()},
          "round_time": round_time, "floor": metric.floor, "stopped_by": stopped,
+         "policy": policies,
          "total_seconds": total}, indent=1))
     log(f"report: {report}")
     return report

@@ -36,6 +36,11 @@ from fastdiff.methods.pd import progressive_distill, round_summary
 from fastdiff.training.runner import check_fingerprint, fingerprint_tensors
 
 METHODS = ("pd", "guided", "sfd")
+def _policy_of(args):
+    """--policy (absent from older argument namespaces: "auto")."""
+    return getattr(args, "policy", None) or "auto"
+
+
 PD_LR = 5e-4  # --lr of pd and guided stage 2 (sfd's default is distill_sfd's own)
 
 
@@ -119,7 +124,8 @@ def distill_pd_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
         updates=args.updates, batch_size=args.batch_size, lr=_pd_lr(args), weighting=args.weighting,
         tolerance=args.tolerance, patience=args.patience, eval_every=args.eval_every,
         checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
-        seed=args.seed, compile=args.compile, progress=not args.quiet and rank == 0,
+        seed=args.seed, compile=args.compile, policy=_policy_of(args),
+        progress=not args.quiet and rank == 0,
         on_round=lambda result: say(round_summary(result)), rank=rank, world_size=world_size,
         wrap_student=wrap_student, device=device, keep_students=False)
     final = results[-1]
@@ -145,7 +151,7 @@ def distill_sfd_cli(teacher, args, *, rank: int = 0, world_size: int = 1, wrap_s
                "solver": args.solver, "afs": args.afs, "updates": args.updates,
                "batch_size": args.batch_size, "seed": args.seed,
                "progress": not args.quiet and rank == 0,
-               "checkpoint_dir": out / "checkpoints"}
+               "checkpoint_dir": out / "checkpoints", "policy": _policy_of(args)}
     if args.lr is not None:
         options["lr"] = args.lr
     accepts = inspect.signature(distill_sfd).parameters
@@ -252,7 +258,7 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
             state["checkpoint_every"] = args.checkpoint_every
         options = dict(w_min=w_min, w_max=w_max, updates=stage1_updates,
                        batch_size=args.batch_size, lr=stage1_lr, seed=args.seed,
-                       progress=not quiet, **state, **parallel)
+                       progress=not quiet, policy=_policy_of(args), **state, **parallel)
         if dtype == "bf16":  # the student is an fp32 copy; the frozen teacher runs in bf16
             import copy
 
@@ -289,12 +295,13 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     options = {k: getattr(args, k) for k in ("tolerance", "patience", "eval_every",
                                              "checkpoint_every", "compile")
                if getattr(args, k, None) is not None}
+    options["policy"] = _policy_of(args)
     results = distill_guided_steps(
         stage1, data, w_min=w_min, w_max=w_max, start_steps=args.start_steps,
         end_steps=args.end_steps, updates=args.updates, batch_size=args.batch_size,
         lr=_pd_lr(args), weighting=getattr(args, "weighting", "snr_trunc"), seed=args.seed,
         checkpoint_dir=out / "checkpoints", progress=not quiet, on_round=on_round,
-        keep_students=False, **parallel, **options)
+        keep_students=False, on_load=lambda m: memory_options(m, args), **parallel, **options)
     final = results[-1]
     if rank == 0:
         save(final.student, out / "student",
@@ -338,6 +345,7 @@ def _stochastic_cli(teacher, data, args, steps: int, w_min: float, w_max: float,
     options = {"lr": args.lr} if args.lr is not None else {}
     if getattr(args, "checkpoint_every", None):
         options["checkpoint_every"] = args.checkpoint_every
+    options["policy"] = _policy_of(args)
     result = distill_stochastic(
         memory_options(teacher, args), data, steps=steps, w_min=w_min, w_max=w_max,
         updates=args.updates, batch_size=args.batch_size, seed=args.seed,

@@ -277,7 +277,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                      grad_clip: float = 1.0, warmup: int = 0, label_dropout: float = 0.0,
                      w_scale: float = 1.0, balance_w: bool = True,
                      schedule: Schedule | None = None, autocast=None,
-                     compile: bool = False, seed: int = 0, eval_every: int = 100,
+                     compile: bool = False, policy=None, seed: int = 0, eval_every: int = 100,
                      heldout_size: int = 512, eval_ws=(0.0, 1.0, 2.0, 4.0),
                      progress: bool = True, device=None,
                      student: nn.Module | None = None, rank: int = 0, world_size: int = 1,
@@ -337,7 +337,7 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         grad_clip=grad_clip, seed=seed, eval_every=eval_every,
         checkpoint=Path(checkpoint_dir) / STAGE1_STATE if checkpoint_dir is not None else None,
         checkpoint_every=checkpoint_every, max_skips=max_skips, autocast=autocast,
-        compile=compile, progress=progress, rank=rank, world_size=world_size,
+        compile=compile, policy=policy, progress=progress, rank=rank, world_size=world_size,
         wrap_student=wrap_student)
     config.check()
     if not callable(teacher):
@@ -371,9 +371,8 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
         return _draw_stage1(examples, labels, n, gen, schedule, w_min, w_max,
                             label_dropout=label_dropout, conds=conds, null_conds=nulls)
 
-    def loss(model, d: _Draw) -> torch.Tensor:
-        v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y, cond=d.cond,
-                                       null=d.null)   # under the runner's autocast
+    def loss(model, d: _Draw, teacher) -> torch.Tensor:   # teacher: the runner's prepared one
+        v_c, v_u = teacher_cond_uncond(teacher, d.z_t, d.t, d.y, cond=d.cond, null=d.null)
         with phase("student_forward"):
             v_s = model(d.z_t, d.t.float(), w=d.w, **d.student_cond)
         with phase("target"):
@@ -398,8 +397,15 @@ def distill_guidance(teacher, data, *, w_min: float = 0.0, w_max: float = 4.0,
                 "student": start_from,
                 "data": fingerprint_tensors(examples, labels, dataset.held_out,
                                             dataset.held_out_labels, *_cond_tensors(dataset))}
+    def inputs(d: _Draw):   # one conditional teacher call (the update makes one of 2B)
+        t = d.t.float()
+        return (((d.z_t, t), {**({"y": d.y} if d.y is not None else {}), **d.cond}),
+                ((d.z_t, t), {"w": d.w, **d.student_cond}))
+
     method = Method(name="guided-stage1", student=student, draw=draw, loss=loss,
-                    settings=settings, measure=measure)
+                    settings=settings, measure=measure,
+                    teacher=teacher_module if teacher_module is not None else teacher,
+                    teacher_calls=2, inputs=inputs)
     result = run(method, config, history=history)
     out, h = result.student, result.history
     h.final_error = held_out().errors(out, eval_ws)
@@ -502,7 +508,7 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
                        ema_decay: float = 0.995, grad_clip: float = 1.0,
                        schedule: Schedule | None = None, autocast=None, seed: int = 0,
                        progress: bool = True, device=None, heldout_size: int = 256,
-                       eval_every: int | None = None, compile: bool = False,
+                       eval_every: int | None = None, compile: bool = False, policy=None,
                        checkpoint_dir=None, checkpoint_every: int = 200, rank: int = 0,
                        world_size: int = 1, wrap_student=None,
                        max_skips: int = 20) -> RoundResult:
@@ -546,7 +552,7 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
         grad_clip=grad_clip, seed=seed, eval_every=updates if eval_every is None else eval_every,
         checkpoint=_stochastic_state(checkpoint_dir, steps) if checkpoint_dir is not None
         else None, checkpoint_every=checkpoint_every, max_skips=max_skips,
-        autocast=autocast, compile=compile, progress=progress, rank=rank,
+        autocast=autocast, compile=compile, policy=policy, progress=progress, rank=rank,
         world_size=world_size, wrap_student=wrap_student)
     config.check()
     dataset = as_dataset(data)
@@ -589,8 +595,8 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
         return draw_batch(examples, labels, steps, n, gen, schedule, label_dropout=0.0,
                           use_labels=labels is not None, extra_cond=draw_w, conds=conds)
 
-    def loss(model, b) -> torch.Tensor:
-        cond = b.cond   # the teacher runs under the runner's autocast
+    def loss(model, b, teacher) -> torch.Tensor:   # teacher: the runner's prepared one
+        cond = b.cond
         phi_t, target = stochastic_target(teacher, b.z_t, b.t, cond, steps, schedule,
                                           teacher_steps=teacher_steps)
         with phase("student_forward"):
@@ -608,8 +614,13 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
                 "schedule": schedule.config, "teacher": fingerprint_tensors(teacher_module),
                 "data": fingerprint_tensors(examples, labels, dataset.held_out,
                                             dataset.held_out_labels, *_cond_tensors(dataset))}
+    def inputs(b):
+        call = ((b.z_t, b.t.float()), b.cond)
+        return call, call
+
     method = Method(name=f"guided-stochastic{steps}", student=student, draw=draw, loss=loss,
-                    settings=settings, measure=measure)
+                    settings=settings, measure=measure, teacher=teacher_module,
+                    teacher_calls=2 * _substeps(steps, teacher_steps), inputs=inputs)
     result = run(method, config, history=RoundHistory())
     out = result.student
     out.schedule = schedule

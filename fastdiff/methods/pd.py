@@ -33,6 +33,7 @@ from fastdiff.engine.nvtx import phase
 from fastdiff.engine.schedules import CosineSchedule, Schedule, per_sample
 from fastdiff.kernels import ddim_step, distill_loss, fused_pd_loss, pd_target
 from fastdiff.training.parts import autocast_for, model_device
+from fastdiff.training.policy import describe
 from fastdiff.training.runner import (
     History,
     Method,
@@ -78,7 +79,8 @@ def round_summary(result: RoundResult) -> str:
     line = (f"round {result.teacher_steps} -> {result.steps} steps: {h.updates_done} updates, "
             f"{h.wall_time:.0f} s, held-out mismatch {h.initial_mismatch:.4g} -> "
             f"{(h.heldout_mismatch or [float('nan')])[-1]:.4g}, ended by {h.stopped_by}")
-    return line + (f" (resumed from update {h.resumed_from})" if h.resumed_from else "")
+    line += f" (resumed from update {h.resumed_from})" if h.resumed_from else ""
+    return line + f"; {describe(h.policy)}" if h.policy.get("decided") else line
 
 
 def _is_pow2(n) -> bool:
@@ -209,7 +211,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
                   batch_size: int = 128, lr: float = 1e-4, weighting: str = "snr_trunc",
                   ema_decay: float = 0.995, grad_clip: float = 1.0, label_dropout: float = 0.1,
                   warmup: int = 0, schedule: Schedule | None = None, autocast=None,
-                  compile: bool = False, seed: int = 0, tolerance: float | None = None,
+                  compile: bool = False, policy=None, seed: int = 0, tolerance: float | None = None,
                   patience: int = 3, eval_every: int = 100, heldout_size: int = 512,
                   checkpoint_dir=None, checkpoint_every: int = 200, progress: bool = True,
                   device=None, student: nn.Module | None = None, rank: int = 0,
@@ -238,6 +240,11 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             extra_settings: what defines it, for the fingerprint.
         rank, world_size, wrap_student: data parallelism (`fastdiff.training.runner`).
         max_skips: consecutive non-finite updates (each skipped) before `NonFiniteError`.
+        policy: precision / compile choices for the frozen teacher and the student (None or
+            "auto": decided from the device and a short measurement, "off": plain eager
+            fp32, or a `fastdiff.training.policy.Policy` / dict forcing some; see
+            `RunConfig.policy`); what was chosen and why is in `history.policy`.
+            autocast ("bf16"/"fp32") and compile (True) force the same choices.
 
     Returns RoundResult(student = EMA weights, steps = teacher_steps // 2, teacher_steps,
     history).
@@ -251,7 +258,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         grad_clip=grad_clip, seed=seed, eval_every=eval_every, tolerance=tolerance,
         patience=patience, checkpoint_every=checkpoint_every, max_skips=max_skips,
         checkpoint=_state_path(checkpoint_dir, teacher_steps) if checkpoint_dir else None,
-        autocast=autocast, compile=compile, progress=progress, rank=rank,
+        autocast=autocast, compile=compile, policy=policy, progress=progress, rank=rank,
         world_size=world_size, wrap_student=wrap_student, device=plan.device,
         on_eval=on_eval)
     result = run(plan.method, config, history=RoundHistory())
@@ -297,9 +304,13 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
                           label_dropout=label_dropout, use_labels=use_labels,
                           extra_cond=extra_cond, conds=conds, null_conds=nulls)
 
-    def loss(model, batch):
+    def loss(model, batch, teacher):   # the teacher as the runner's policy prepared it
         return pd_update(model, teacher, batch, steps, schedule, weighting=weighting,
                          autocast=contextlib.nullcontext())
+
+    def inputs(batch):
+        call = ((batch.z_t, batch.t.float()), batch.cond)
+        return call, call
 
     def measure(model) -> float:
         if not held:  # two teacher forwards on the held-out set, once
@@ -317,13 +328,16 @@ def _round_plan(teacher, data, *, teacher_steps, weighting, label_dropout, sched
                 "data": fingerprint_tensors(examples, labels, *conds.values(),
                                             *nulls.values())}
     method = Method(name=f"pd{teacher_steps}", student=student, draw=draw, loss=loss,
-                    settings=settings, measure=measure)
+                    settings=settings, measure=measure,
+                    teacher=teacher_module if teacher_module is not None else teacher,
+                    teacher_calls=2, inputs=inputs)
     return _Plan(method=method, schedule=schedule, device=device)
 
 
 def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
                         updates: int | list = 2000, checkpoint_dir=None, on_round=None,
-                        keep_students: bool = True, **round_options) -> list[RoundResult]:
+                        keep_students: bool = True, on_load=None,
+                        **round_options) -> list[RoundResult]:
     """Halve the step count from `start_steps` to `end_steps` (powers of two), one round each.
 
     Each round's student (EMA weights) becomes the next round's teacher. `updates` is one
@@ -337,8 +351,10 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     (`result.student = None`) once the next round, whose teacher it is, has finished, so
     only two rounds' models are held at a time (the last result keeps its student; with
     `checkpoint_dir` every round's student is on disk as `student-<steps>`): for real
-    UNets, where each copy is params × 4 bytes. Other keyword arguments go to
-    `distill_round`.
+    UNets, where each copy is params × 4 bytes. `on_load(student)` is called on each
+    finished round's student reloaded from `checkpoint_dir` (what loading does not restore,
+    e.g. diffusers' gradient checkpointing, which the next round's student copies). Other
+    keyword arguments go to `distill_round`.
     """
     from fastdiff.engine.checkpoint import load, save
 
@@ -365,6 +381,8 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
         if meta is not None:  # load() restores the student's schedule from the checkpoint
             student = load(done_path)
             student.sample_steps = steps // 2  # as a freshly distilled round's student has
+            if on_load is not None:
+                on_load(student)
             result = RoundResult(student=student, steps=steps // 2, teacher_steps=steps,
                                  history=RoundHistory.from_dict(meta.get("history", {})))
         else:

@@ -232,7 +232,9 @@ class _SFDMethod:
             y = torch.where(drop, torch.full_like(y, -1), y)
         return SFDBatch(noise=noise, y=y, steps=steps)
 
-    def loss(self, model, batch: SFDBatch) -> torch.Tensor:
+    def loss(self, model, batch: SFDBatch, teacher=None) -> torch.Tensor:
+        if teacher is not None:   # the teacher as the runner's policy prepared it
+            self.teacher = teacher
         if batch.noise is not None:
             self._start(batch)
         tr = self.traj
@@ -257,6 +259,18 @@ class _SFDMethod:
         if self.gather_at(self.k):  # rank 0's checkpoint after this update holds every slice
             self.saved = self._state(gather=True)
         return loss
+
+    def inputs(self, batch: SFDBatch):
+        """One teacher / student call at a trajectory's start (for the runner's policy);
+        None mid-trajectory (a resumed run)."""
+        if batch.noise is None:
+            return None
+        t = torch.ones(batch.noise.shape[0], device=batch.noise.device)
+        call = ((batch.noise, t), self._teacher_cond(batch.y))
+        student_cond = dict(call[1])
+        if self.steps_range is not None:
+            student_cond[STEPS_COND] = torch.full_like(t, float(batch.steps))
+        return call, (call[0], student_cond)
 
     def measure(self, model) -> float:
         if self.t0 is None:  # the runner's measure of the untrained student: SFD takes none
@@ -381,7 +395,7 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                 checkpoint_dir=None, eval_every: int = 0, on_eval: Callable | None = None,
                 device=None, student: nn.Module | None = None,
                 teacher_final: Callable | None = None, checkpoint_every: int = 200,
-                autocast="fp32", compile: bool | str = False, rank: int = 0,
+                autocast="fp32", compile: bool | str = False, policy=None, rank: int = 0,
                 world_size: int = 1, wrap_student=None, max_skips: int = 20,
                 extra_settings: dict | None = None, conds: dict | None = None,
                 null_conds: dict | None = None) -> SFDResult:
@@ -422,7 +436,8 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
     replaces the teacher solve (only with one network step, see `stage2`); extra_settings:
     what defines it, for the checkpoint's fingerprint.
     autocast: "fp32" (default: the trajectories are solved in full precision), "bf16" or
-    None (bf16 where CUDA has it); compile: torch.compile the student; rank, world_size,
+    None (bf16 where CUDA has it); compile: torch.compile the student; policy: the
+    teacher / student precision and compile policy (`RunConfig.policy`); rank, world_size,
     wrap_student: data parallelism (`fastdiff.training.runner`); max_skips: consecutive
     non-finite updates (each skipped) before `NonFiniteError`. A non-finite teacher output
     spoils the rest of its trajectory: those updates are skipped too, and the next
@@ -507,13 +522,15 @@ def distill_sfd(teacher, *, student_steps: int, teacher_substeps: int = 4,
                                                                     else "")
     method = Method(name=name, student=student, draw=sfd.draw, loss=sfd.loss,
                     settings=settings, measure=sfd.measure if evaluate else None,
-                    carry=sfd.carry, restore=sfd.restore)
+                    carry=sfd.carry, restore=sfd.restore,
+                    teacher=teacher_module if teacher_module is not None and not stage_two
+                    else None, teacher_calls=teacher_substeps, inputs=sfd.inputs)
     config = RunConfig(
         updates=updates, batch_size=batch_size, lr=lr, decay="constant",
         ema_decay=ema_decay or None, grad_clip=grad_clip, seed=seed,
         eval_every=eval_every if evaluate else updates, checkpoint=state_path,
         checkpoint_every=checkpoint_every, max_skips=max_skips, autocast=autocast,
-        compile=compile, progress=progress, rank=rank, world_size=world_size,
+        compile=compile, policy=policy, progress=progress, rank=rank, world_size=world_size,
         wrap_student=wrap_student, device=device)
     done = run(method, config, history=history)
     h = done.history

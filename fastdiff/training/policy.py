@@ -22,8 +22,9 @@ measured and why each choice was made, for the run's history.
 
 The compiled speed-ups cannot be measured without paying the compile, so they are priors
 (`COMPILE_PRIORS`), recorded as such: on this project's CPU (AMD EPYC, torch 2.13) a frozen,
-compiled demo U-Net forward was 1.41x eager fp32 after 25 s of compiling, compiled bf16
-0.94x (0.78x eager bf16), and a compiled student step 1.04x after 51 s (DESIGN §5). Give
+compiled demo U-Net forward is about 1.4x eager fp32 after 25-100 s of compiling
+(`fastdiff.engine.inference`'s priors, which compiles the teacher), compiled bf16 0.94x
+(0.78x eager bf16), and a compiled student step 1.04x after 51 s (DESIGN §5). Give
 measured ones for another machine through `compile_speedup=` and `compile_s=`.
 """
 
@@ -40,18 +41,25 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from fastdiff.engine import inference
+from fastdiff.engine.inference import frozen
+
 FIELDS = ("teacher_compile", "teacher_bf16", "teacher_channels_last",
           "student_compile", "student_bf16", "student_channels_last")
 
 #: expected compiled speed over eager of the same precision and layout, by device, role and
 #: precision (priors: see the module docstring)
+#: precision (priors: see the module docstring); the frozen teacher's fp32 figures are the
+#: engine's own for a model compiled by `frozen` (`fastdiff.engine.inference`)
 COMPILE_PRIORS = {
-    "cpu": {"teacher": {"fp32": 1.41, "bf16": 0.78}, "student": {"fp32": 1.04, "bf16": 1.0}},
-    "cuda": {"teacher": {"fp32": 1.2, "bf16": 1.2}, "student": {"fp32": 1.1, "bf16": 1.1}},
+    "cpu": {"teacher": {"fp32": inference.SPEEDUP["cpu"], "bf16": 0.78},
+            "student": {"fp32": 1.04, "bf16": 1.0}},
+    "cuda": {"teacher": {"fp32": inference.SPEEDUP["cuda"], "bf16": inference.SPEEDUP["cuda"]},
+             "student": {"fp32": 1.1, "bf16": 1.1}},
 }
 #: expected seconds to compile (first call), by device and role
-COMPILE_SECONDS = {"cpu": {"teacher": 25.0, "student": 51.0},
-                   "cuda": {"teacher": 60.0, "student": 90.0}}
+COMPILE_SECONDS = {"cpu": {"teacher": inference.COMPILE_SECONDS["cpu"], "student": 51.0},
+                   "cuda": {"teacher": inference.COMPILE_SECONDS["cuda"], "student": 90.0}}
 NOISY_SPREAD = 1.3
 MARGIN = 0.05          # a variant must be >= 5% faster than fp32 to be taken
 BF16_TOLERANCE = 2e-2  # relative RMS of the bf16 teacher's output against fp32's
@@ -79,9 +87,12 @@ class Policy:
 
     @classmethod
     def parse(cls, value) -> Policy:
-        """None / "auto" (decide everything), a Policy, or a dict of some field names."""
+        """None / "auto" (decide everything), "off" (every lever off: the plain eager fp32
+        loop), a Policy, or a dict of some field names."""
         if value is None or value == "auto":
             return cls()
+        if value == "off":
+            return cls(**{f: False for f in FIELDS})
         if isinstance(value, Policy):
             return value
         if isinstance(value, dict):
@@ -93,7 +104,7 @@ class Policy:
                     raise ValueError(f"policy choice {name} must be True, False or None "
                                      f"(decide), got {v!r}")
             return cls(**value)
-        raise TypeError(f"policy must be None, 'auto', a Policy or a dict, got {value!r}")
+        raise TypeError(f"policy must be None, 'auto', 'off', a Policy or a dict, got {value!r}")
 
     @property
     def resolved(self) -> bool:
@@ -170,7 +181,8 @@ def _cl_copy(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- running the choices
 def teacher_forward(teacher: nn.Module, policy: Policy, device=None) -> Callable:
-    """The frozen teacher as `f(z, t, **cond) -> v` (float32, contiguous) under `policy`:
+    """The frozen teacher as `f(z, t, **cond) -> v` (z's dtype where autocast ran it in
+    bf16, contiguous) under `policy`:
     no_grad, bf16 autocast, channels_last, torch.compile with weight freezing as chosen.
 
     no_grad rather than inference_mode: tensors made under inference_mode cannot be saved
@@ -181,14 +193,16 @@ def teacher_forward(teacher: nn.Module, policy: Policy, device=None) -> Callable
     teacher = teacher.eval().requires_grad_(False)
     if policy.teacher_channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    net = teacher
-    if policy.teacher_compile:
-        net = torch.compile(teacher, options={"freezing": True})
+    # compiled with Inductor weight freezing (and CUDA graphs on CUDA) by the engine's one
+    # `frozen`, which also recompiles should the teacher's weights ever change
+    net = frozen(teacher) if policy.teacher_compile else teacher
 
     def forward(z, t, **cond):
         with torch.no_grad(), _autocast(device, bool(policy.teacher_bf16)):
             out = net(_cl(z) if policy.teacher_channels_last else z, t, **cond)
-        return out.float().contiguous()
+        if out.dtype in (torch.bfloat16, torch.float16):   # autocast's: back to z's dtype
+            out = out.to(z.dtype)
+        return out.contiguous() if policy.teacher_channels_last else out
 
     forward.module = teacher
     return forward
@@ -199,12 +213,13 @@ def student_autocast(policy: Policy, device) -> contextlib.AbstractContextManage
     return _autocast(torch.device(device), bool(policy.student_bf16))
 
 
-def prepare_student(student: nn.Module, policy: Policy) -> nn.Module:
-    """The student moved to channels_last and/or compiled as chosen (the plain module keeps
-    its parameters: optimizer, EMA and checkpoints use `student` itself)."""
+def prepare_student(student: nn.Module, policy: Policy, mode: str | None = None) -> nn.Module:
+    """The student moved to channels_last and/or compiled (torch.compile `mode`) as chosen
+    (the plain module keeps its parameters: optimizer, EMA and checkpoints use `student`
+    itself)."""
     if policy.student_channels_last:
         student.to(memory_format=torch.channels_last)
-    return torch.compile(student) if policy.student_compile else student
+    return torch.compile(student, mode=mode) if policy.student_compile else student
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -221,7 +236,8 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
            clock: Callable[[], float] = time.perf_counter, reps: int = 5,
            budget_s: float = 3.0, compile_s: dict | None = None,
            compile_speedup: dict | None = None, bf16_tolerance: float = BF16_TOLERANCE,
-           margin: float = MARGIN, allow_emulated_bf16: bool = False
+           margin: float = MARGIN, allow_emulated_bf16: bool = False,
+           student_example: tuple | None = None, min_round_s: float | None = None
            ) -> tuple[Policy, dict]:
     """Resolve `request` (None/"auto", a Policy or a dict; forced fields are kept) for a
     round of `updates` updates, each calling the teacher `teacher_calls` times and the
@@ -235,6 +251,12 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
     compile_s, compile_speedup: {"teacher": ..., "student": ...} overriding the device's
         `COMPILE_SECONDS` and `COMPILE_PRIORS` (speed-ups by precision: {"fp32": x, "bf16": y}).
     allow_emulated_bf16: also measure bf16 on a CPU without native bf16.
+    student_example: `(args, kwargs)` of one student call where it differs from the
+        teacher's (a guidance-distilled student also takes w); default `example`.
+    min_round_s: on CPU, first time one fp32 call of each network; when the whole round
+        would take less than this many seconds eager, nothing is measured further and every
+        undecided choice is off (no compile can pay back on such a round, and the
+        measurement itself would be a visible share of it). None: always measure.
 
     Returns (policy with every field a bool, record).
     """
@@ -256,6 +278,19 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
                     "measured": {}, "reasons": {}}
     chosen = dict(request.as_dict())
     args, kwargs = example
+    examples = {"teacher": example, "student": student_example or example}
+    if kind == "cpu" and min_round_s is not None and not request.resolved:
+        estimate = _eager_round_s(teacher, student, device, examples, updates,
+                                  teacher_calls, timer)
+        record["eager_round_estimate_s"] = estimate
+        if estimate < min_round_s:
+            record["reasons"]["all"] = (
+                f"round expected to take {estimate:.1f} s eager (< {min_round_s:g} s): too "
+                f"short for a compile to pay back; not measured further, undecided choices off")
+            policy = Policy(**{k: bool(v) for k, v in chosen.items()})
+            record["decided"] = policy.as_dict()
+            record["measure_s"] = clock() - t_start
+            return policy, record
     for role in ("teacher", "student"):
         keys = [f"{role}_{x}" for x in ("compile", "bf16", "channels_last")]
         if all(chosen[k] is not None for k in keys):
@@ -271,7 +306,8 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
         if kind == "cuda":
             _decide_cuda(role, chosen, record, bf16_ok, calls, seconds[role], priors[role])
         else:
-            variants, outputs = _variants(role, model, device, args, kwargs, chosen,
+            r_args, r_kwargs = examples[role]
+            variants, outputs = _variants(role, model, device, r_args, r_kwargs, chosen,
                                           bf16_ok or allow_emulated_bf16)
             figs = _interleaved({f"{role} {k}": fn for k, fn in variants.items()}, timer,
                                 reps, budget_s / 2, clock)
@@ -290,6 +326,20 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
     record["decided"] = policy.as_dict()
     record["measure_s"] = clock() - t_start
     return policy, record
+
+
+def _eager_round_s(teacher, student, device, examples, updates, teacher_calls, timer) -> float:
+    """Seconds the round would take eager fp32: one warm and one timed call of each network
+    (the student's forward and backward on a private copy)."""
+    total = 0.0
+    for role, model, calls in (("teacher", teacher, teacher_calls), ("student", student, 1)):
+        if model is None:
+            continue
+        args, kwargs = examples[role]
+        fn = _variants(role, model, device, args, kwargs,
+                       {f"{role}_bf16": False, f"{role}_channels_last": False}, False)[0]["fp32"]
+        total += updates * calls * float(timer(f"{role} fp32", fn))
+    return total
 
 
 def _name(bf16: bool, cl: bool) -> str:
@@ -439,3 +489,23 @@ def legacy_request(autocast=None, compile=False) -> dict:
     if compile:
         out["student_compile"] = True
     return out
+
+
+def describe(recorded: dict) -> str:
+    """One line on a run's policy (`history.policy`), e.g. "teacher eager fp32, student
+    eager fp32 (round expected to take 12.0 s eager ...)", for progress lines and reports."""
+    decided = recorded.get("decided") or {}
+    if not decided:
+        return "policy not recorded"
+
+    def role(r: str) -> str:
+        how = "compiled" if decided.get(f"{r}_compile") else "eager"
+        what = "bf16" if decided.get(f"{r}_bf16") else "fp32"
+        return f"{r} {how} {what}" + ("+channels_last" if decided.get(f"{r}_channels_last")
+                                      else "")
+
+    reasons = (recorded.get("record") or {}).get("reasons") or {}
+    why = reasons.get("all") or "; ".join(f"{k}: {v}" for k, v in reasons.items()
+                                          if k in ("teacher", "student"))
+    return f"{role('teacher')}, {role('student')}" + (f" ({why})" if why else "")
+

@@ -51,14 +51,23 @@ from fastdiff.training.parts import (
     LOG_EVERY,
     Progress,
     _unwrap,
-    autocast_for,
-    autocast_name,
     check_global_batch,
     linear_lr,
     make_optimizer,
-    maybe_compile,
     model_device,
 )
+from fastdiff.training.policy import (
+    Policy,
+    apply,
+    decide,
+    legacy_request,
+    prepare_student,
+    with_forced,
+)
+
+#: a round expected to take less than this eager (seconds) is not measured for the policy:
+#: no compile (25 s or more here, DESIGN §5) can pay back on it
+SHORT_ROUND_S = 30.0
 
 
 class NonFiniteError(RuntimeError):
@@ -85,6 +94,15 @@ class Method:
             taken on the untrained student and then on the EMA every `eval_every` updates.
         carry / restore: state the method carries across updates (SFD's trajectories), as
             `carry() -> {name: tensor}` and `restore({name: tensor})`, saved in checkpoints.
+        teacher: the frozen teacher `teacher(z, t, **cond) -> v`, for a method that has one.
+            The runner prepares it under the run's policy (`fastdiff.training.policy`: no
+            grad, and compiled, bf16 or channels_last where that pays; outputs float32) and
+            then calls `loss(model, batch, teacher)` with the prepared one. A plain callable
+            (not an nn.Module) is passed through as it is.
+        teacher_calls: teacher forwards per update at the batch size (for the policy's cost
+            model); inputs: `inputs(batch) -> (teacher_call, student_call)`, each `(args,
+            kwargs)` of one network call on this update's batch (for the policy's
+            measurement; None, or returning None: nothing is measured, undecided choices off).
     """
 
     name: str
@@ -95,6 +113,9 @@ class Method:
     measure: Callable | None = None
     carry: Callable | None = None
     restore: Callable | None = None
+    teacher: Callable | None = None
+    teacher_calls: int = 2
+    inputs: Callable | None = None
 
 
 @dataclass
@@ -113,8 +134,13 @@ class RunConfig:
         checkpoint: the training-state file (None: no checkpoints); checkpoint_every:
             updates between checkpoints (one is also written at the end).
         max_skips: consecutive non-finite updates that stop the run.
-        autocast: "bf16", "fp32" or None (bf16 on CUDA devices with bf16, else fp32);
-            compile: torch.compile the student (True or a mode name).
+        policy: precision and compile choices for the teacher and the student
+            (`fastdiff.training.policy.Policy`, a dict of some of its fields, or None /
+            "auto": decide each from the device and, on CPU, a short measurement on the real
+            networks against the round's length). Recorded in `history.policy`; a resumed
+            run keeps the choices it made. autocast: "bf16" / "fp32" forces both networks'
+            precision (None: decide); compile: True or a mode name forces the student's
+            torch.compile (False: decide).
         progress: show a bar (rank 0 only); rank, world_size, wrap_student: data
             parallelism (e.g. `fastdiff.engine.parallel.ddp_wrapper(device)`); device.
         on_eval: `on_eval(update, value)` after each held-out measure.
@@ -135,6 +161,7 @@ class RunConfig:
     checkpoint: Path | str | None = None
     checkpoint_every: int = 200
     max_skips: int = 20
+    policy: object = None
     autocast: object = None
     compile: bool | str = False
     progress: bool = True
@@ -163,6 +190,7 @@ class RunConfig:
         if self.tolerance is not None and not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0 or None, got {self.tolerance!r}")
         check_global_batch(self.batch_size, self.world_size)
+        with_forced(Policy.parse(self.policy), **legacy_request(self.autocast, self.compile))
 
     def fingerprint(self) -> dict:
         """The settings that change what is trained (not where or how it is shown)."""
@@ -445,6 +473,42 @@ class _Losses:
         self.pending.clear()
 
 
+def _decide_policy(method: Method, request: Policy, batch, student, device, config,
+                   rank: int, world: int) -> tuple[Policy, dict]:
+    """Rank 0 resolves `request` on this update's batch (`policy.decide`); under DDP the
+    other ranks take its choices, so every rank runs the same precision."""
+    policy, record = request, {}
+    if rank == 0:
+        example = method.inputs(batch) if method.inputs is not None else None
+        # a data-parallel CPU run is not measured: rank 0 alone calling a teacher whose
+        # forward is a collective (an FSDP-sharded one) would hang the others
+        why = "the method gives no example inputs" if example is None else (
+            "a data-parallel CPU run is not measured" if world > 1 and device.type == "cpu"
+            else None)
+        if why is not None:
+            policy = Policy(**{k: bool(v) for k, v in request.as_dict().items()})
+            record = {"reasons": {"all": f"{why}: undecided choices off"},
+                      "decided": policy.as_dict()}
+        else:
+            teacher = method.teacher if isinstance(method.teacher, nn.Module) else None
+            # the measurement runs the networks: keep it off the global RNG (dropout), so
+            # that a run trains the same whether or not it measured
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                policy, record = decide(request, teacher=teacher, student=student,
+                                        example=example[0], student_example=example[1],
+                                        updates=config.updates, device=device,
+                                        teacher_calls=method.teacher_calls if teacher else 0,
+                                        min_round_s=SHORT_ROUND_S)
+            record = json_safe(record)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [policy.as_dict(), record]
+        dist.broadcast_object_list(box, src=0)
+        policy, record = Policy(**box[0]), box[1]
+    return policy, record
+
+
 def run(method: Method, config: RunConfig, *, history: History | None = None) -> RunResult:
     """Train `method.student` for `config.updates` updates; returns the EMA (or raw) student
     in eval mode and the history. See the module docstring for what the runner owns.
@@ -486,19 +550,41 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
 
     if method.measure is not None and start == 0:
         history.initial = measure(student)
-    train_model = maybe_compile(student, config.compile)
-    if config.wrap_student is not None:
-        train_model = config.wrap_student(train_model)
-        if any(hasattr(p, "placements") for p in student.parameters()):
-            raise NotImplementedError(
-                "wrap_student sharded the student's parameters (FSDP): the runner builds its "
-                "optimizer, EMA and rank-0 checkpoints on full local parameters, so use a "
-                "replicating wrapper (fastdiff.engine.parallel.ddp_wrapper)")
-    train_model = checked_output(train_model, "student")
-    amp = autocast_for(device, config.autocast)
-    history.policy = {"autocast": autocast_name(device, config.autocast),
-                      "compile": config.compile or False,
-                      "fused_adamw": bool(opt.defaults.get("fused"))}
+    request = with_forced(Policy.parse(config.policy),
+                          **legacy_request(config.autocast, config.compile))
+    prepared: dict = {}   # the policy put to work, at the first update (it needs a batch)
+
+    def prepare(batch) -> None:
+        recorded = history.policy.get("decided") if start > 0 else None
+        if recorded is not None:   # a resumed run keeps its choices (forced ones win)
+            policy = with_forced(Policy(**recorded), **request.as_dict())
+            record = dict(history.policy.get("record") or {}, resumed=True)
+        else:
+            policy, record = _decide_policy(method, request, batch, student, device,
+                                            config, rank, world)
+        teacher = method.teacher
+        module = teacher if isinstance(teacher, nn.Module) else None
+        applied = apply(policy, teacher=module, student=None, device=device)
+        if module is not None:
+            teacher = checked_output(applied.teacher, "teacher")
+        train_model = student
+        if policy.student_channels_last or policy.student_compile:
+            mode = config.compile if isinstance(config.compile, str) else None
+            train_model = prepare_student(student, policy, mode)
+        if config.wrap_student is not None:
+            train_model = config.wrap_student(train_model)
+            if any(hasattr(p, "placements") for p in student.parameters()):
+                raise NotImplementedError(
+                    "wrap_student sharded the student's parameters (FSDP): the runner builds "
+                    "its optimizer, EMA and rank-0 checkpoints on full local parameters, so "
+                    "use a replicating wrapper (fastdiff.engine.parallel.ddp_wrapper)")
+        prepared.update(model=checked_output(train_model, "student"), teacher=teacher,
+                        autocast=applied.student_autocast)
+        history.policy = {"decided": policy.as_dict(), "record": record,
+                          "autocast": "bf16" if policy.student_bf16 else "fp32",
+                          "compile": bool(policy.student_compile),
+                          "fused_adamw": bool(opt.defaults.get("fused"))}
+
     bar = Progress(config.updates, method.name, config.progress and rank == 0, initial=start)
     losses = _Losses(history, world, start)
     best, since_best = _best_so_far(history.heldout, config.tolerance or 0.0)
@@ -525,8 +611,13 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
             else (min(1.0, (k + 1) / config.warmup) if config.warmup else 1.0)
         for group in opt.param_groups:
             group["lr"] = config.lr * scale
-        with amp:
-            loss = method.loss(train_model, batch)
+        if not prepared:
+            prepare(batch)
+        with prepared["autocast"]():
+            if method.teacher is not None:
+                loss = method.loss(prepared["model"], batch, prepared["teacher"])
+            else:
+                loss = method.loss(prepared["model"], batch)
         ok = guarded_update(loss, student, opt, ema, config.grad_clip, world)
         losses.add(loss, ok)
         k += 1

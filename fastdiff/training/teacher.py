@@ -68,7 +68,8 @@ def teacher_loss(model, batch: dict, schedule: Schedule) -> torch.Tensor:
 def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: float,
                   weight_decay: float = 0.0, ema_decay: float = 0.999, grad_clip: float = 1.0,
                   label_dropout: float = 0.1, schedule: Schedule | None = None,
-                  warmup: int = 100, autocast=None, compile: bool = False, seed: int = 0,
+                  warmup: int = 100, autocast=None, compile: bool = False, policy=None,
+                  seed: int = 0,
                   progress: bool = True, device=None, rank: int = 0, world_size: int = 1,
                   wrap_model=None, checkpoint_dir=None, checkpoint_every: int = 500,
                   max_skips: int = 20) -> nn.Module:
@@ -116,7 +117,7 @@ def train_teacher(model: nn.Module, data, *, updates: int, batch_size: int, lr: 
         weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
         checkpoint=Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None,
         checkpoint_every=checkpoint_every, max_skips=max_skips, autocast=autocast,
-        compile=compile, progress=progress, rank=rank, world_size=world_size,
+        compile=compile, policy=policy, progress=progress, rank=rank, world_size=world_size,
         wrap_student=wrap_model,
         device=torch.device(device) if device is not None else model_device(model))
     result = run(method, config, history=History())
