@@ -407,6 +407,30 @@ def test_cli_runs_both_stages_and_resumes(tmp_path, data, capsys):
     assert meta["updates"] == 7 and meta["history"]["updates_done"] == 7
 
 
+def test_cli_release_frees_the_teacher_and_stage1_and_trains_the_same(tmp_path, data,
+                                                                       monkeypatch):
+    from fastdiff.apps import distill as driver
+
+    released, real = [], driver._release
+    monkeypatch.setattr(driver, "_release", lambda m: (released.append(m), real(m)))
+
+    def args(out):
+        return argparse.Namespace(w_min=0.0, w_max=2.0, out=str(tmp_path / out),
+                                  start_steps=4, end_steps=1, updates=4, batch_size=16,
+                                  lr=1e-3, seed=0, quiet=True, weighting="snr_trunc",
+                                  stage1_updates=4)
+
+    distill_guided_cli(toy_teacher(), data, args("kept"))
+    teacher = toy_teacher()
+    distill_guided_cli(teacher, data, args("freed"), release=True)
+    assert all(t.device.type == "meta" for t in teacher.state_dict().values())
+    assert released[0] is teacher and len(released) == 2
+    assert "w" in released[1].scalar_conds     # stage 1, after the first round
+    kept, freed = (load(tmp_path / d / "student").state_dict() for d in ("kept", "freed"))
+    for k in kept:
+        assert torch.equal(kept[k], freed[k]), k
+
+
 @pytest.mark.slow
 def test_guided_demo_quick_mode_writes_the_report(tmp_path):
     import json

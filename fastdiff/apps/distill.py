@@ -70,7 +70,7 @@ def run_distill(teacher, data, args, *, rank: int = 0, world_size: int = 1, wrap
                          f"teacher); --method {method} copies its students from the teacher")
     memory_options(teacher, args)
     if method == "guided":
-        distill_guided_cli(teacher, data, args, **parallel)
+        distill_guided_cli(teacher, data, args, release=True, **parallel)
     elif method == "sfd":
         distill_sfd_cli(teacher, args, data=data, **parallel)
     else:
@@ -181,7 +181,7 @@ def distill_sfd_cli(teacher, args, *, rank: int = 0, world_size: int = 1, wrap_s
 
 
 def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 1,
-                       wrap_student=None, device=None) -> None:
+                       wrap_student=None, device=None, release: bool = False) -> None:
     """`fastdiff distill --guided`: stage 1, then stage 2 down to `--end-steps`; resumable.
 
     Writes `<out>/stage1` (the w-conditioned one-pass model), `<out>/checkpoints/` (rounds)
@@ -191,7 +191,10 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     the same settings and finished rounds, and resumes an interrupted stage 1 or round from
     its last state (`--checkpoint-every` updates). rank, world_size, wrap_student, device: data
     parallelism under torchrun (`torchrun ... -m fastdiff distill --method guided ...`); only
-    rank 0 prints and writes.
+    rank 0 prints and writes. release: free the weights of models no longer needed, so that
+    stage 2 holds two rounds' models and not the pretrained teacher and stage 1 besides
+    (the pretrained `teacher` once stage 1 is done, the stage-1 model once the first round
+    is; each is left on the meta device): what the `distill` command does, for real UNets.
     """
     def say(msg):
         if rank == 0:
@@ -288,9 +291,13 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
     elif device is not None:
         stage1 = stage1.to(device)
     stage1.schedule = getattr(stage1, "schedule", None) or getattr(teacher, "schedule", None)
+    if release:
+        _release(teacher)   # stage 2 and the stochastic student do not use it
 
     def on_round(result):
         say(f"stage 2 {round_summary(result)}")
+        if release and result.teacher_steps == args.start_steps:
+            _release(stage1)   # the first round's teacher; its student teaches the next
 
     options = {k: getattr(args, k) for k in ("tolerance", "patience", "eval_every",
                                              "checkpoint_every", "compile")
@@ -320,6 +327,12 @@ def distill_guided_cli(teacher, data, args, *, rank: int = 0, world_size: int = 
             if device is not None:
                 source = source.to(device)
         _stochastic_cli(source, data, args, stochastic, w_min, w_max, say=say, **parallel)
+
+
+def _release(model) -> None:
+    """Free `model`'s parameters and buffers (moved to the meta device: the object stays,
+    its storage goes); for models the CLI holds but will not call again."""
+    model.to("meta")
 
 
 def _stochastic_cli(teacher, data, args, steps: int, w_min: float, w_max: float, *, say,
