@@ -36,7 +36,15 @@ import torch
 from torch import Tensor
 
 from ._metrics import METRIC_CODES, huber_constexpr
-from .dispatch import BLOCK, backend_for, blocks_per_row, cpu_fused, intercepted, row_chunks
+from .dispatch import (
+    BLOCK,
+    backend_for,
+    blocks_per_row,
+    cpu_compiles,
+    cpu_fused,
+    intercepted,
+    row_chunks,
+)
 
 # ---------------------------------------------------------------- routes
 #: The lean eager route (see :class:`KernelOp`); ``FASTDIFF_KERNELS_EAGER=0`` at import, or
@@ -188,7 +196,7 @@ def register_loss_op(name: str, torch_impl, triton_impl, backward_torch, backwar
 
     ``one_pass_torch`` / ``one_pass_triton`` (optional): ``(*tensors, metric, huber_c) ->
     (loss, gradient at upstream 1)`` in one pass over the inputs. Where given, the lean
-    route's forward runs it whenever a gradient is needed (float32 and bfloat16 students)
+    route's forward runs it whenever a gradient is needed (students of ``ONE_PASS_DTYPES``)
     and keeps only the gradient (see :func:`scaled_saved_grad`): one read of each input
     instead of two. torch.compile traces the two-pass ops.
     """
@@ -234,10 +242,7 @@ def register_loss_op(name: str, torch_impl, triton_impl, backward_torch, backwar
         first = args[0]
         if not (first.requires_grad and torch.is_grad_enabled()):
             return run(*args)
-        # not for float16: its gradient at upstream 1 would underflow where a loss scaler
-        # (the reason float16 training multiplies the loss) needs it, so it is formed with
-        # the upstream folded in, by the backward pass
-        if one_pass is not None and ONE_PASS and first.dtype != torch.float16:
+        if one_pass is not None and ONE_PASS and one_pass_pays(first):
             return one_pass.apply(*args)[0]
         return two_pass.apply(*args)
 
@@ -245,8 +250,27 @@ def register_loss_op(name: str, torch_impl, triton_impl, backward_torch, backwar
 
 
 #: Whether the lean route of a loss with a one-pass variant uses it (tests and benchmarks
-#: compare both; ``FASTDIFF_KERNELS_ONE_PASS=0`` at import turns it off).
+#: compare both; ``FASTDIFF_KERNELS_ONE_PASS=0`` at import turns it off) ...
 ONE_PASS: bool = os.environ.get("FASTDIFF_KERNELS_ONE_PASS", "1") != "0"
+#: ... for students of these dtypes. float32 only, as measured (benchmarks/bench_kernels.py,
+#: CPU, 1 thread: one pass 2.0-2.3x torch.compile at 1M and 1.9-2.0x at 16M against
+#: 1.3-1.4x and 1.5x for two passes); bfloat16 through the compiled CPU path measured
+#: slower in one pass (~0.7x the two passes at 1M and 16M); float16 never: its gradient
+#: at upstream 1 would underflow where a loss scaler (the reason float16 training
+#: multiplies the loss) needs it, so it is formed with the upstream folded in, by the
+#: backward pass.
+ONE_PASS_DTYPES = (torch.float32,)
+#: ... and for these where the torch implementation runs eager (small CPU tensors) or on
+#: Triton: there one pass is simply fewer calls and fewer bytes.
+ONE_PASS_UNCOMPILED_DTYPES = (torch.bfloat16,)
+
+
+def one_pass_pays(first: Tensor) -> bool:
+    """Whether a loss's one-pass variant is the faster route for student ``first``."""
+    if first.dtype in ONE_PASS_DTYPES:
+        return True
+    return first.dtype in ONE_PASS_UNCOMPILED_DTYPES and not (
+        backend_for(first) == "torch" and cpu_compiles(first))
 
 
 def scaled_saved_grad(grad: Tensor, upstream: Tensor) -> Tensor:

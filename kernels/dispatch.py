@@ -128,12 +128,17 @@ _runners: dict = {}  # torch implementation -> the guarded caller of that twin
 _compile_failed: set = set()
 
 
+def cpu_compiles(tensor: torch.Tensor) -> bool:
+    """Whether torch implementations run torch.compile'd on `tensor` (see `cpu_fused`)."""
+    return (tensor.device.type == "cpu" and tensor.numel() >= CPU_COMPILE_MIN_ELEMENTS
+            and not torch.compiler.is_compiling()
+            and os.environ.get("FASTDIFF_CPU_COMPILE", "1") != "0")
+
+
 def cpu_fused(fn, tensor: torch.Tensor):
     """`fn`, or its torch.compile'd twin for large CPU tensors (`FASTDIFF_CPU_COMPILE=0`
     turns this off). Falls back to `fn` for good if compiling fails on this machine."""
-    if (tensor.device.type != "cpu" or tensor.numel() < CPU_COMPILE_MIN_ELEMENTS
-            or fn in _compile_failed or torch.compiler.is_compiling()
-            or os.environ.get("FASTDIFF_CPU_COMPILE", "1") == "0"):
+    if not cpu_compiles(tensor) or fn in _compile_failed:
         return fn
     run = _runners.get(fn)
     if run is None:

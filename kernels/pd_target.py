@@ -121,24 +121,19 @@ def pd_coefficients64(phi_t: Tensor, phi_mid: Tensor, phi_end: Tensor,
     a few microseconds whatever B is).
     """
     shift, matrix = _row_matrix(phi_t.device)
-    # (mm, then add: addmm with a broadcast bias takes a slower BLAS path here)
+    # (mm, then add: addmm with a broadcast bias takes a slower BLAS path here; unbind and
+    # stack/cat rather than tensor indexing, whose Python-side cost is several calls')
     sin = torch.mm(matrix, torch.stack((phi_t, phi_mid, phi_end))).add_(shift).sin_()
-    sin_d = sin[3]
+    sin_d2, cos_d2, sin_d1, sin_d, sin_phi, cos_phi = sin.unbind(0)
     if check and sin_d.device.type == "cpu" and not torch.compiler.is_compiling() \
             and not bool(sin_d.all()):
         raise zero_step_error(torch.nonzero(sin_d == 0).flatten().tolist())
-    first = 0 if weighting is None else 1
-    rows = sin.new_empty((first + 3, sin.shape[1]))
-    torch.mul(sin[0:2], sin[2], out=rows[first:first + 2])  # sin D2 sin D1, cos D2 sin D1
-    rows[first + 2] = sin[0]
-    rows[first:].div_(sin_d)
-    if weighting is not None:
-        scale = 1.0 / (sin.shape[1] * n_per_sample)
-        if weighting == "snr_trunc":  # max(cos^2 phi, sin^2 phi)
-            torch.mul(sin[4:6].square().amax(dim=0), scale, out=rows[0])
-        else:
-            rows[0] = weight_from_sincos(sin[4], sin[5], weighting, scale)
-    return rows
+    target = torch.stack((sin_d1 * sin_d2, cos_d2 * sin_d1, sin_d2)).div_(sin_d)
+    if weighting is None:
+        return target
+    weight = weight_from_sincos(sin_phi, cos_phi, weighting,
+                                1.0 / (sin.shape[1] * n_per_sample))
+    return torch.cat((weight.unsqueeze(0), target))
 
 
 def zero_step_error(bad: list) -> ValueError:

@@ -49,15 +49,17 @@ def prop(examples):
 PROPERTY = prop(30)
 
 #: The routes to the same implementations (kernels/_register.py): the lean eager route
-#: with the one-pass loss+gradient variant (the default), without it (forward, then a
-#: recomputing backward), and every call through the torch.library custom op (the route
-#: torch.compile traces).
+#: with the one-pass loss+gradient variant (the default for float32 students; here for
+#: bfloat16 ones too, so that its bfloat16 arithmetic is checked), without it (forward,
+#: then a recomputing backward), and every call through the torch.library custom op (the
+#: route torch.compile traces).
 ROUTES = ("one_pass", "two_pass", "custom_op")
 
 
 @pytest.fixture(params=ROUTES)
 def route(request, monkeypatch):
     monkeypatch.setattr(_register, "ONE_PASS", request.param == "one_pass")
+    monkeypatch.setattr(_register, "ONE_PASS_DTYPES", (torch.float32, torch.bfloat16))
     monkeypatch.setattr(_register, "EAGER_ROUTE", request.param != "custom_op")
     return request.param
 

@@ -112,6 +112,7 @@ def _value_and_grad(route, monkeypatch, metric, dtype, upstream=1.0):
 def test_routes_compute_the_same_numbers(backend, monkeypatch, metric, dtype):
     """At upstream 1 the one-pass variant does the two-pass float32 arithmetic (the same
     operations on the same difference), so value and gradient agree to the bit."""
+    monkeypatch.setattr(_register, "ONE_PASS_DTYPES", (dtype,))
     loss, grad = _value_and_grad("custom_op", monkeypatch, metric, dtype)
     for route in ("one_pass", "two_pass"):
         other_loss, other_grad = _value_and_grad(route, monkeypatch, metric, dtype)
@@ -119,17 +120,24 @@ def test_routes_compute_the_same_numbers(backend, monkeypatch, metric, dtype):
         assert torch.equal(other_grad, grad), route
 
 
-def test_float16_students_take_two_passes(monkeypatch):
-    """A float16 gradient at upstream 1 would underflow before a loss scaler multiplies
-    it: float16 students keep the two-pass route, upstream folded in before rounding."""
+def test_which_students_take_one_pass(monkeypatch):
+    """float32: one pass. float16: two passes (its gradient at upstream 1 would underflow
+    before a loss scaler multiplies it). bfloat16: one pass where the torch path runs
+    eager, two where it runs compiled on large CPU tensors (measured faster there)."""
     seen = []
     real = _register.scaled_saved_grad
     monkeypatch.setattr(_register, "scaled_saved_grad",
                         lambda g, u: seen.append(g.dtype) or real(g, u))
     _value_and_grad("one_pass", monkeypatch, "l2", torch.float16, upstream=2.0**16)
     assert seen == []
-    _value_and_grad("one_pass", monkeypatch, "l2", torch.bfloat16, upstream=2.0**16)
-    assert seen == [torch.bfloat16]
+    for dtype in (torch.float32, torch.bfloat16):
+        _value_and_grad("one_pass", monkeypatch, "l2", dtype, upstream=2.0**16)
+    assert seen == [torch.float32, torch.bfloat16]
+    monkeypatch.setenv("FASTDIFF_KERNELS", "torch")
+    monkeypatch.setattr(_register, "cpu_compiles", lambda tensor: True)
+    seen.clear()
+    _value_and_grad("one_pass", monkeypatch, "l2", torch.bfloat16)
+    assert seen == []
 
 
 def test_one_pass_gradient_with_a_retained_graph():
