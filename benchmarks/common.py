@@ -144,7 +144,9 @@ def summarise(ts: list) -> dict:
 
 def interleaved(providers: dict, *, reps: int, target_s: float = 0.0, max_iters: int = 1000,
                 warmup: int = 2, clock=None, iters: dict | None = None) -> dict:
-    """Time providers A B C A B C ... for `reps` rounds in this process (DESIGN §5).
+    """Time providers A B C, C B A, A B C ... for `reps` rounds in this process (DESIGN §5;
+    the order turns every round, so that a drifting load cancels rather than favouring
+    whoever runs second).
 
     providers: {name: fn()}. Each provider is first called `warmup` times (all of A, then
     all of B, ...); each timing then averages as many back-to-back calls as fill about
@@ -170,8 +172,10 @@ def interleaved(providers: dict, *, reps: int, target_s: float = 0.0, max_iters:
         else:
             counts[name] = 1
     times: dict = {name: [] for name in providers}
-    for _ in range(reps):
-        for name, fn in providers.items():
+    order = list(providers.items())
+    for r in range(reps):
+        # A B, B A, A B, ...: a load that drifts over the run favours no provider
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
             times[name].append(clock.per_call(fn, counts[name]))
     after = loadavg()
     return {name: summarise(ts) | {"iters": counts[name], "times_s": list(ts),

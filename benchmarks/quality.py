@@ -22,7 +22,7 @@ with. Both providers train the same round from the same teacher on the same data
   measurement inside the round included); the setup outside it (fingerprints, the held-out
   targets) is reported as ``overhead_s``.
 
-Runs are interleaved (naive, fastdiff, naive, fastdiff, ...) in one process; each figure
+Runs are interleaved (naive, fastdiff, then fastdiff, naive, ...) in one process; each figure
 carries min, median and spread of its time-to-quality over the repeats and the load average
 before and after. The speed-up is the ratio of medians; `verdict` says MET only when every
 spread is < 1.3 (else "noisy: rerun"), the speed-up is >= 1.5 and the final held-out error
@@ -168,10 +168,23 @@ def time_to_quality(teacher, data, *, reps: int = 3, updates: int = 300,
     curves: dict = {"naive": [], "fastdiff-default": [], **{name: [] for name in levers}}
     runs = []
     for r in range(reps):
-        curves["naive"].append(run_naive(teacher, data, held, **common_args))
-        curve, info = run_fastdiff(teacher, data, heldout_size=heldout_size, **common_args,
-                                   **fastdiff_options)
-        curves["fastdiff-default"].append(curve)
+        def naive():
+            curves["naive"].append(run_naive(teacher, data, held, **common_args))
+
+        def fastdiff():
+            curve, info = run_fastdiff(teacher, data, heldout_size=heldout_size,
+                                       **common_args, **fastdiff_options)
+            curves["fastdiff-default"].append(curve)
+            return info
+
+        # naive first on even reps, fastdiff first on odd ones: a drifting load (here it
+        # often falls over a run) must not favour whoever runs second
+        if r % 2 == 0:
+            naive()
+            info = fastdiff()
+        else:
+            info = fastdiff()
+            naive()
         for name, options in levers.items():
             curves[name].append(run_naive(teacher, data, held, **common_args, **options))
         runs.append(info | {name: c[-1] for name, c in curves.items()}
