@@ -3,6 +3,7 @@ measurement (here a fake timer on a tiny model: no real timing) and the round le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -305,3 +306,28 @@ def test_the_cli_takes_a_policy_and_names_a_bad_one(capsys):
     with pytest.raises(SystemExit):
         parse([*base, "--policy", "teacher_turbo=on"])
     assert "NAME one of teacher_compile" in capsys.readouterr().err
+
+
+def test_without_example_inputs_cuda_still_decides_from_the_device(monkeypatch):
+    """train_teacher gives no example inputs: on CUDA the device decides (bf16 where the
+    GPU has it) rather than switching everything off; on CPU everything stays off."""
+    from fastdiff.training import runner
+
+    seen = {}
+
+    def fake_decide(request, **kw):
+        seen.update(kw)
+        return Policy(**{f: f.endswith("bf16") for f in pol.FIELDS}), {"reasons": {}}
+
+    monkeypatch.setattr(runner, "decide", fake_decide)
+    # no CUDA RNG to fork on this machine
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: contextlib.nullcontext())
+    method = runner.Method(name="t", student=Tiny(), draw=None, loss=None)
+    config = runner.RunConfig(updates=10, batch_size=4, lr=1e-3)
+    policy, _ = runner._decide_policy(method, Policy(), None, method.student,
+                                      torch.device("cuda"), config, 0, 1)
+    assert policy.student_bf16 and seen["example"] == ((), {})
+    policy, record = runner._decide_policy(method, Policy(), None, method.student,
+                                           torch.device("cpu"), config, 0, 1)
+    assert not any(policy.as_dict().values()) and "no example inputs" in \
+        record["reasons"]["all"]

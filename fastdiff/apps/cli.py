@@ -329,7 +329,7 @@ def cmd_sample(args) -> None:
     elif len(shape) == 1:
         save_scatter(x, out, title=f"{args.steps} steps, {args.sampler}")
     else:
-        save_grid(x[:, :3] if x.shape[1] not in (1, 3) else x, out,
+        save_grid(x if x.shape[1] in (1, 3) else x[:, :3] if x.shape[1] > 3 else x[:, :1], out,
                   nrow=10 if "y" in cond or "encoder_hidden_states" in cond else None)
     print(f"wrote {out}")
 
@@ -343,6 +343,9 @@ def _example_shape(model):
     unet_cfg = getattr(getattr(model, "unet", None), "config", None)
     if unet_cfg is not None:   # a diffusers UNet (fastdiff.integrations.diffusers)
         size = unet_cfg.get("sample_size")
+        if size is None:
+            raise ValueError("this diffusers UNet's config has no sample_size: cannot tell "
+                             "the sample shape")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (unet_cfg["in_channels"], h, w)
     raise ValueError("cannot tell the sample shape of this model: expected a fastdiff UNet/MLP "

@@ -10,6 +10,11 @@ weights on CPU) and, on CUDA, `mode="reduce-overhead"` (CUDA graphs: a call repl
 recorded graph, no per-kernel launch or Python overhead). It is cached per module: a second
 `frozen(model)` returns the same compiled graph while the weights are unchanged.
 
+Memory: a frozen graph holds its own reference to the weights it was compiled with (from
+C++; measured on CPU: moving the module to "meta" afterwards frees nothing), so a compiled
+model's weights stay alive for the life of the process. Do not freeze a model whose memory
+must come back.
+
 Freezing bakes the weights in, so a graph compiled before the weights changed must never
 run after: every call compares the weights' identity, storage and version counter (an
 in-place update such as an optimizer step, `load_state_dict` or an EMA lerp bumps it) with

@@ -72,7 +72,7 @@ class Policy:
 
     teacher_compile: torch.compile the frozen teacher for inference (Inductor weight
         freezing); teacher_bf16: run its forwards under bf16 autocast (its outputs are cast
-        back to float32 before the target, whose math stays float32/float64);
+        back to z's dtype before the target, whose math stays float32/float64);
     teacher_channels_last: its weights and inputs in channels_last;
     student_compile / student_bf16 / student_channels_last: the same for the student's
         training forward and backward.
@@ -456,7 +456,7 @@ def with_forced(policy: Policy, **forced) -> Policy:
 
 @dataclass
 class Applied:
-    """A decided policy put to work: `teacher(z, t, **cond)` (float32 outputs, no graph),
+    """A decided policy put to work: `teacher(z, t, **cond)` (outputs in z's dtype, no graph),
     `student` (what to train with: compiled or not; its parameters are the plain module's)
     and `student_autocast` (a fresh context manager per use: `with applied.student_autocast():`)."""
 

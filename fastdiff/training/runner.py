@@ -96,9 +96,9 @@ class Method:
             `carry() -> {name: tensor}` and `restore({name: tensor})`, saved in checkpoints.
         teacher: the frozen teacher `teacher(z, t, **cond) -> v`, for a method that has one.
             The runner prepares it under the run's policy (`fastdiff.training.policy`: no
-            grad, and compiled, bf16 or channels_last where that pays; outputs float32) and
-            then calls `loss(model, batch, teacher)` with the prepared one. A plain callable
-            (not an nn.Module) is passed through as it is.
+            grad, and compiled, bf16 or channels_last where that pays; outputs in z's dtype)
+            and then calls `loss(model, batch, teacher)` with the prepared one. A plain
+            callable (not an nn.Module) is passed through as it is.
         teacher_calls: teacher forwards per update at the batch size (for the policy's cost
             model); inputs: `inputs(batch) -> (teacher_call, student_call)`, each `(args,
             kwargs)` of one network call on this update's batch (for the policy's
@@ -480,6 +480,8 @@ def _decide_policy(method: Method, request: Policy, batch, student, device, conf
     policy, record = request, {}
     if rank == 0:
         example = method.inputs(batch) if method.inputs is not None else None
+        if example is None and device.type == "cuda":   # decided from the device: no calls
+            example = (((), {}), ((), {}))
         # a data-parallel CPU run is not measured: rank 0 alone calling a teacher whose
         # forward is a collective (an FSDP-sharded one) would hang the others
         why = "the method gives no example inputs" if example is None else (
@@ -497,7 +499,8 @@ def _decide_policy(method: Method, request: Policy, batch, student, device, conf
                 policy, record = decide(request, teacher=teacher, student=student,
                                         example=example[0], student_example=example[1],
                                         updates=config.updates, device=device,
-                                        teacher_calls=method.teacher_calls if teacher else 0,
+                                        teacher_calls=method.teacher_calls
+                                        if teacher is not None else 0,
                                         min_round_s=SHORT_ROUND_S)
             record = json_safe(record)
     if world > 1:
