@@ -45,10 +45,15 @@ class TeacherRecipe:
     trainer: str = "runner-1"
 
     def key(self) -> str:
-        import hashlib
+        return recipe_key(self)
 
-        text = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+def recipe_key(recipe) -> str:
+    """A short hash of a recipe dataclass's fields: the cache key of what it trains."""
+    import hashlib
+
+    text = json.dumps(asdict(recipe), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def digits_teacher(cache: str | Path | None = None, *, recipe: TeacherRecipe = TeacherRecipe(),

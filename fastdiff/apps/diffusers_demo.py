@@ -28,7 +28,6 @@ The user path of issue 16, end to end, on data small enough for a CPU:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdiff.apps.demo import recipe_key
 from fastdiff.apps.guided_demo import _grid_batch, fid_ratio, format_score, score_guided
 
 __all__ = ["DiffusersDigitsRecipe", "PromptLabels", "diffusers_digits_teacher", "prompt_table",
@@ -78,8 +78,7 @@ class DiffusersDigitsRecipe:
     trainer: str = "runner-1-conds"     # what train_teacher draws (conditions: no draws)
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return recipe_key(self)
 
     def unet_config(self) -> dict:
         """The UNet2DConditionModel keywords (1 channel, 8×8)."""

@@ -466,12 +466,13 @@ class Applied:
 
 
 def apply(policy: Policy, *, teacher: nn.Module | None, student: nn.Module | None,
-          device) -> Applied:
-    """`teacher_forward`, `prepare_student` and `student_autocast` of `policy` at once."""
+          device, mode: str | None = None) -> Applied:
+    """`teacher_forward`, `prepare_student` (torch.compile `mode`) and `student_autocast` of
+    `policy` at once."""
     device = torch.device(device)
     return Applied(
         teacher=teacher_forward(teacher, policy, device) if teacher is not None else None,
-        student=prepare_student(student, policy) if student is not None else None,
+        student=prepare_student(student, policy, mode) if student is not None else None,
         student_autocast=lambda: student_autocast(policy, device))
 
 

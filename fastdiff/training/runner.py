@@ -61,7 +61,6 @@ from fastdiff.training.policy import (
     apply,
     decide,
     legacy_request,
-    prepare_student,
     with_forced,
 )
 
@@ -567,13 +566,11 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
                                             config, rank, world)
         teacher = method.teacher
         module = teacher if isinstance(teacher, nn.Module) else None
-        applied = apply(policy, teacher=module, student=None, device=device)
+        applied = apply(policy, teacher=module, student=student, device=device,
+                        mode=config.compile if isinstance(config.compile, str) else None)
         if module is not None:
             teacher = checked_output(applied.teacher, "teacher")
-        train_model = student
-        if policy.student_channels_last or policy.student_compile:
-            mode = config.compile if isinstance(config.compile, str) else None
-            train_model = prepare_student(student, policy, mode)
+        train_model = applied.student
         if config.wrap_student is not None:
             train_model = config.wrap_student(train_model)
             if any(hasattr(p, "placements") for p in student.parameters()):
