@@ -25,6 +25,7 @@ import fastdiff  # noqa: E402  (before transformers: see integrations.diffusers.
 
 transformers = pytest.importorskip("transformers")
 from fastdiff.apps.cli import main  # noqa: E402
+from fastdiff.engine.checkpoint import load_config  # noqa: E402
 from fastdiff.engine.data import DataError, load_dataset  # noqa: E402
 from fastdiff.engine.samplers import sample  # noqa: E402
 from fastdiff.integrations.diffusers import (  # noqa: E402
@@ -354,9 +355,15 @@ def test_guided_cli_distill_export_runs_in_stable_diffusion_pipeline(pipe_dir, n
     student = fastdiff.load(out / "student")
     assert student.scalar_conds == ("w",) and not student.unet.is_gradient_checkpointing
     assert fastdiff.load(out / "stochastic").scalar_conds == ("w",)
+    assert load_config(out / "stochastic")["metadata"]["updates"] == 2  # --updates
     # a rerun reuses what is finished and trains nothing
     assert main(cmd) == 0
     assert "reusing" in capsys.readouterr().out
+    # ... and other stochastic settings retrain only the stochastic student, saying so
+    assert main(cmd + ["--stochastic-updates", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "stochastic student: retraining" in printed and "stage 1: reusing" in printed
+    assert load_config(out / "stochastic")["metadata"]["updates"] == 3
     pipe_out = tmp_path / "pipe-out"
     assert main(["export", "--model", str(out / "student"), "--out", str(pipe_out)]) == 0
     capsys.readouterr()

@@ -558,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stochastic-steps", type=_steps, default=None,
                    help="guided: also train the N-step stochastic-sampler student from the "
                         "2N-step stage-2 student (written to --out/stochastic)")
+    d.add_argument("--stochastic-updates", type=_positive_int, default=None,
+                   help="guided: updates of the stochastic-sampler student (default: "
+                        "--updates)")
     d.add_argument("--gradient-checkpointing", action="store_true",
                    help="diffusers teachers: recompute the student UNet's activations in the "
                         "backward pass (diffusers' own checkpointing; less memory)")

@@ -255,7 +255,8 @@ def _load_avg() -> list:
 def run_diffusers_demo(out="runs/diffusers-demo", *, ws=(0.0, 1.0, 2.0, 4.0),
                        reference_steps: int = 64, start_steps: int = 16, steps: int = 4,
                        stage1_updates: int = 800, stage1_lr: float = 2e-3,
-                       updates: int = 300, lr: float = 5e-4, batch_size: int = 128,
+                       updates: int = 300, stochastic_updates: int | None = None,
+                       lr: float = 5e-4, batch_size: int = 128,
                        w_check: float = 2.0, n_samples: int | None = None, draws: int = 3,
                        recipe: DiffusersDigitsRecipe | None = None, cache=None,
                        quick: bool = False, progress: bool = True, log=print) -> Path:
@@ -265,7 +266,8 @@ def run_diffusers_demo(out="runs/diffusers-demo", *, ws=(0.0, 1.0, 2.0, 4.0),
     recipe / cache: the teacher (`diffusers_digits_teacher`; quick mode caches under
     `out/cache`). Stage 1 (`stage1_updates` at `stage1_lr`), stage 2 from `start_steps`
     DDIM steps to `steps` (`updates` per halving at `lr`) and the `steps`-step
-    stochastic-sampler student (`updates`, from the 2·steps student) run as one
+    stochastic-sampler student (`stochastic_updates`, default `updates`, from the 2·steps
+    student) run as one
     `fastdiff distill --method guided` command into `out/distill/`. Scores: the mean (± sd)
     over `draws` fixed class-balanced noise sets of `n_samples` (default: the FID's
     reference size). Measures: the stage-1 student's `reference_steps`-step FID within 10%
@@ -286,10 +288,11 @@ def run_diffusers_demo(out="runs/diffusers-demo", *, ws=(0.0, 1.0, 2.0, 4.0),
     if quick:
         recipe = recipe or QUICK_RECIPE
         ws, reference_steps, start_steps, steps = (0.0, 2.0), 8, 16, 4
-        stage1_updates, updates, batch_size = 3, 2, 16
+        stage1_updates, updates, stochastic_updates, batch_size = 3, 2, 2, 16
         n_samples, draws = n_samples or 40, 1
         cache = cache if cache is not None else out / "cache"
     recipe = recipe or DiffusersDigitsRecipe()
+    stochastic_updates = stochastic_updates or updates
     if w_check not in ws:
         raise ValueError(f"w_check {w_check} must be one of ws {tuple(ws)}")
     load_before = _load_avg()
@@ -310,7 +313,8 @@ def run_diffusers_demo(out="runs/diffusers-demo", *, ws=(0.0, 1.0, 2.0, 4.0),
     argv = ["distill", "--method", "guided", "--teacher", str(folder), "--data", str(npz),
             "--out", str(run_dir), "--start-steps", str(start_steps),
             "--end-steps", str(steps), "--stochastic-steps", str(steps),
-            "--updates", str(updates), "--lr", str(lr), "--stage1-updates",
+            "--updates", str(updates), "--stochastic-updates", str(stochastic_updates),
+            "--lr", str(lr), "--stage1-updates",
             str(stage1_updates), "--stage1-lr", str(stage1_lr),
             "--batch-size", str(batch_size), "--seed", "0"]
     if not progress:
@@ -456,7 +460,8 @@ negative_prompt_embeds).
 Stage 1: {stage1_updates} updates, lr {stage1_lr}, w ~ U[0, 4] through diffusers'
 guidance embedding (`time_cond_proj_dim`, zero-initialised `cond_proj`); stage 2: PD
 {start_steps} → {steps} steps, {updates} updates per halving, lr {lr}, batch {batch_size};
-the {steps}-step stochastic-sampler student from the {2 * steps}-step one ({updates} updates).
+the {steps}-step stochastic-sampler student from the {2 * steps}-step one
+({stochastic_updates} updates).
 
 **Scores**: FID-digits, the Fréchet distance in the features of a small digit classifier
 between {n} samples and the digits' training split (floor, held-out vs train:

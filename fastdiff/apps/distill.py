@@ -341,11 +341,12 @@ def _stochastic_cli(teacher, data, args, steps: int, w_min: float, w_max: float,
     """--stochastic-steps N: the N-step stochastic-sampler student of the 2N-step stage-2
     student, into `<out>/stochastic` (resumable; reused when finished with the same
     settings)."""
-    from fastdiff.methods.guided import distill_stochastic
+    from fastdiff.methods.guided import distill_stochastic, stochastic_state_path
 
     out = Path(args.out)
     path = out / "stochastic"
-    settings = {"steps": steps, "w_min": w_min, "w_max": w_max, "updates": args.updates,
+    updates = getattr(args, "stochastic_updates", None) or args.updates
+    settings = {"steps": steps, "w_min": w_min, "w_max": w_max, "updates": updates,
                 "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr}
     if path.exists():
         try:
@@ -353,20 +354,35 @@ def _stochastic_cli(teacher, data, args, steps: int, w_min: float, w_max: float,
             if all(meta.get(k) == v for k, v in settings.items()):
                 say(f"stochastic student: reusing {path}")
                 return
+            say(f"stochastic student: retraining ({path} was trained with other settings)")
         except CheckpointError:
             pass
     options = {"lr": args.lr} if args.lr is not None else {}
     if getattr(args, "checkpoint_every", None):
         options["checkpoint_every"] = args.checkpoint_every
     options["policy"] = _policy_of(args)
-    result = distill_stochastic(
-        memory_options(teacher, args), data, steps=steps, w_min=w_min, w_max=w_max,
-        updates=args.updates, batch_size=args.batch_size, seed=args.seed,
-        checkpoint_dir=out / "checkpoints", progress=not getattr(args, "quiet", False)
-        and rank == 0, rank=rank, world_size=world_size, wrap_student=wrap_student,
-        device=device, **options)
+    state = stochastic_state_path(out / "checkpoints", steps)
+
+    def train():
+        return distill_stochastic(
+            memory_options(teacher, args), data, steps=steps, w_min=w_min, w_max=w_max,
+            updates=updates, batch_size=args.batch_size, seed=args.seed,
+            checkpoint_dir=out / "checkpoints", progress=not getattr(args, "quiet", False)
+            and rank == 0, rank=rank, world_size=world_size, wrap_student=wrap_student,
+            device=device, **options)
+
+    try:
+        result = train()
+    except CheckpointError as e:  # an interrupted student of other settings: start over
+        say(f"stochastic student: not resuming ({e})")
+        if rank == 0:
+            state.unlink(missing_ok=True)
+        if world_size > 1:  # the others wait here until rank 0 removed it
+            check_same(True, "stochastic student restarts")
+        result = train()
     if rank == 0:
         save(result.student, path, metadata={**settings, "sampler": "stochastic",
                                              "guided": True, "world_size": world_size})
+        state.unlink(missing_ok=True)   # finished: its settings live in the saved metadata
     say(f"stochastic-sampler student for {steps} step(s) saved to {path}; sample it with "
         f"sampler='stochastic' (one pass per step)")

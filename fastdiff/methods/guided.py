@@ -74,6 +74,7 @@ __all__ = [
     "distill_guided_steps",
     "distill_stochastic",
     "stochastic_target",
+    "stochastic_state_path",
 ]
 
 
@@ -498,7 +499,8 @@ def _substeps(steps: int, teacher_steps) -> int:
     return teacher_steps // steps
 
 
-def _stochastic_state(checkpoint_dir, steps: int) -> Path:
+def stochastic_state_path(checkpoint_dir, steps: int) -> Path:
+    """Where `distill_stochastic` keeps the N-step student's training state (N = `steps`)."""
     return Path(checkpoint_dir) / f"stochastic-{steps:05d}.state"
 
 
@@ -550,7 +552,7 @@ def distill_stochastic(teacher, data, *, steps: int, teacher_steps: int | None =
     config = RunConfig(
         updates=updates, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
         grad_clip=grad_clip, seed=seed, eval_every=updates if eval_every is None else eval_every,
-        checkpoint=_stochastic_state(checkpoint_dir, steps) if checkpoint_dir is not None
+        checkpoint=stochastic_state_path(checkpoint_dir, steps) if checkpoint_dir is not None
         else None, checkpoint_every=checkpoint_every, max_skips=max_skips,
         autocast=autocast, compile=compile, policy=policy, progress=progress, rank=rank,
         world_size=world_size, wrap_student=wrap_student)
