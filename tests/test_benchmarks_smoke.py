@@ -80,3 +80,26 @@ def test_quick_benchmark_subset_runs(tmp_path, one_thread, monkeypatch, capsys):
     assert naive_loss < 1e-4  # equal loss on equal inputs
     table = capsys.readouterr().out
     assert "targets (issue 5):" in table and "fused_pd_loss fwd+bwd" in table
+
+
+def test_methods_benchmark_compares_defaults_with_policy_off(one_thread):
+    """benchmarks.methods times both providers every rep, in turned order, on the same run:
+    where the policy keeps everything off (a short round on CPU) the two train the very same
+    student, so their quality agrees exactly."""
+    from benchmarks import methods
+    from fastdiff.engine.data import load_dataset
+
+    teacher, _ = build_pair("demo", "cpu")
+    data = load_dataset("digits", seed=0)
+    lines = []
+    result = methods.compare("sfd", teacher.eval(), data, reps=2, updates=2, batch_size=4,
+                             log=lines.append)
+    assert len(lines) == 2 and result["order"] == [["off", "default"], ["default", "off"]]
+    for name in methods.PROVIDERS:
+        assert result[name]["reps"] == 2 and result[name]["min_s"] > 0
+    assert result["off"]["quality"] == result["default"]["quality"]
+    assert result["default"]["policy"]["decided"]["teacher_compile"] is False
+    assert result["speedup"] > 0 and isinstance(result["verdict"], str)
+    report = methods.format_report("sfd", result, {"updates": 2, "batch": 4, "threads": 1,
+                                                   "reps": 2})
+    assert "defaults / off" in report
