@@ -331,3 +331,56 @@ def test_without_example_inputs_cuda_still_decides_from_the_device(monkeypatch):
                                            torch.device("cpu"), config, 0, 1)
     assert not any(policy.as_dict().values()) and "no example inputs" in \
         record["reasons"]["all"]
+
+
+def _student_policy(**kw):
+    return Policy(**{f: False for f in pol.FIELDS} | kw)
+
+
+def test_a_student_compiled_before_in_this_process_is_a_warm_compile(monkeypatch):
+    """The next round's student is another module of the same architecture: Dynamo's code
+    for the last one serves it, so its compile is priced at WARM_COMPILE_SECONDS, not the
+    cold prior; another batch shape is another graph, priced cold."""
+    monkeypatch.setattr(pol, "_COMPILED_STUDENTS", set())
+    calls = 6000   # saves 6000 x 10 ms x (1 - 1/1.04) = 2.3 s: > 2 s warm, << 51 s cold
+    cold, record = _decide(FakeTimer(_times()), updates=calls)
+    assert not cold.student_compile and "warm_compile" not in record
+    pol.prepare_student(Tiny(), _student_policy(student_compile=True), example=_example())
+    warm, record = _decide(FakeTimer(_times()), updates=calls)
+    assert warm.student_compile and not warm.student_bf16
+    assert record["warm_compile"] == {"student": ["fp32"], "seconds": 2.0}
+    assert record["expected_round_s"]["student"]["compile fp32"] == pytest.approx(
+        pol.WARM_COMPILE_SECONDS["cpu"] + calls * 10e-3 / pol.COMPILE_PRIORS["cpu"]["student"]
+        ["fp32"])
+    other, record = decide(None, teacher=Tiny().eval(), student=Tiny(),
+                           example=_example(batch=16), updates=calls,
+                           timer=FakeTimer(_times()), allow_emulated_bf16=True)
+    assert not other.student_compile and "warm_compile" not in record
+    # an eager student is not remembered
+    pol.prepare_student(Tiny(), _student_policy(), example=_example(batch=32))
+    assert len(pol._COMPILED_STUDENTS) == 1
+
+
+def test_dynamo_serves_a_copy_of_a_compiled_student_without_a_new_graph():
+    """What the warm prior rests on: the compiled code of one student runs a deep copy (the
+    next round's student) forward and backward with no new Dynamo graph. (aot_eager: the
+    cache and its guards are Dynamo's, whatever the backend; Inductor would only add
+    minutes of compiling here.)"""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    (z, t), _ = _example()
+    first = Tiny()
+    torch.compile(first, backend="aot_eager")(z, t).square().mean().backward()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(0.5)      # other weights, as a trained round's student has
+    out = torch.compile(second, backend="aot_eager")(z, t)
+    out.square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.allclose(out, second(z, t)) and second.conv.weight.grad is not None

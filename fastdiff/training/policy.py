@@ -60,6 +60,14 @@ COMPILE_PRIORS = {
 #: expected seconds to compile (first call), by device and role
 COMPILE_SECONDS = {"cpu": {"teacher": inference.COMPILE_SECONDS["cpu"], "student": 51.0},
                    "cuda": {"teacher": inference.COMPILE_SECONDS["cuda"], "student": 90.0}}
+#: expected seconds of a student's compile when this process already compiled a student of
+#: the same architecture, variant, mode and input shapes (`student_key`): the next round's
+#: student, a copy of this round's, passes the guards of Dynamo's cached code and no graph is
+#: built again (on this project's CPU the demo U-Net's deep copy ran its first compiled
+#: forward + backward in 0.5 s, against 202 s for the cold compile). The frozen teacher has
+#: no such reuse: its weights are constants of its graph.
+WARM_COMPILE_SECONDS = {"cpu": 2.0, "cuda": 5.0}
+_COMPILED_STUDENTS: set = set()   # student_key of every student this process compiled
 NOISY_SPREAD = 1.3
 MARGIN = 0.05          # a variant must be >= 5% faster than fp32 to be taken
 BF16_TOLERANCE = 2e-2  # relative RMS of the bf16 teacher's output against fp32's
@@ -213,13 +221,36 @@ def student_autocast(policy: Policy, device) -> contextlib.AbstractContextManage
     return _autocast(torch.device(device), bool(policy.student_bf16))
 
 
-def prepare_student(student: nn.Module, policy: Policy, mode: str | None = None) -> nn.Module:
+def student_key(student: nn.Module, example: tuple, variant: str, mode: str | None) -> tuple:
+    """What decides whether a compiled student's code serves another student, as far as the
+    compile-cost prior goes: its class, its parameters' and buffers' names, shapes and
+    dtypes, its device type, the variant (`"fp32"`, `"bf16+channels_last"`, ...), the compile
+    mode and the shapes and dtypes of one call's tensors (`example` = (args, kwargs))."""
+    def sig(x):
+        return (tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) \
+            else type(x).__name__
+
+    args, kwargs = example
+    return (type(student).__module__, type(student).__qualname__,
+            tuple((n, tuple(v.shape), str(v.dtype)) for n, v in student.state_dict().items()),
+            _device(student).type, variant, mode, tuple(sig(a) for a in args),
+            tuple((k, sig(v)) for k, v in sorted(kwargs.items())))
+
+
+def prepare_student(student: nn.Module, policy: Policy, mode: str | None = None,
+                    example: tuple | None = None) -> nn.Module:
     """The student moved to channels_last and/or compiled (torch.compile `mode`) as chosen
     (the plain module keeps its parameters: optimizer, EMA and checkpoints use `student`
-    itself)."""
+    itself). A compiled student with its call's `example` is remembered (`student_key`), so
+    that a later round's decision counts its compile as warm."""
     if policy.student_channels_last:
         student.to(memory_format=torch.channels_last)
-    return torch.compile(student, mode=mode) if policy.student_compile else student
+    if not policy.student_compile:
+        return student
+    if example is not None:
+        variant = _name(bool(policy.student_bf16), bool(policy.student_channels_last))
+        _COMPILED_STUDENTS.add(student_key(student, example, variant, mode))
+    return torch.compile(student, mode=mode)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -237,8 +268,8 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
            budget_s: float = 3.0, compile_s: dict | None = None,
            compile_speedup: dict | None = None, bf16_tolerance: float = BF16_TOLERANCE,
            margin: float = MARGIN, allow_emulated_bf16: bool = False,
-           student_example: tuple | None = None, min_round_s: float | None = None
-           ) -> tuple[Policy, dict]:
+           student_example: tuple | None = None, min_round_s: float | None = None,
+           mode: str | None = None) -> tuple[Policy, dict]:
     """Resolve `request` (None/"auto", a Policy or a dict; forced fields are kept) for a
     round of `updates` updates, each calling the teacher `teacher_calls` times and the
     student once (forward and backward).
@@ -257,6 +288,9 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
         would take less than this many seconds eager, nothing is measured further and every
         undecided choice is off (no compile can pay back on such a round, and the
         measurement itself would be a visible share of it). None: always measure.
+    mode: the student's torch.compile mode. A student variant this process has compiled
+        before (`prepare_student`, same `student_key`) is expected to compile in
+        `WARM_COMPILE_SECONDS` (recorded under "warm_compile").
 
     Returns (policy with every field a bool, record).
     """
@@ -303,8 +337,17 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
             record["reasons"][role] = "no model given: off"
             continue
         calls = updates * (teacher_calls if role == "teacher" else 1)
+        warm = set()
+        if role == "student":
+            warm = {n for n in VARIANTS if student_key(model, examples[role], n, mode)
+                    in _COMPILED_STUDENTS}
+            if warm:
+                record["warm_compile"] = {"student": sorted(warm),
+                                          "seconds": WARM_COMPILE_SECONDS[kind]}
+        compile_seconds = {n: WARM_COMPILE_SECONDS[kind] if n in warm else seconds[role]
+                           for n in VARIANTS}
         if kind == "cuda":
-            _decide_cuda(role, chosen, record, bf16_ok, calls, seconds[role], priors[role])
+            _decide_cuda(role, chosen, record, bf16_ok, calls, compile_seconds, priors[role])
         else:
             r_args, r_kwargs = examples[role]
             variants, outputs = _variants(role, model, device, r_args, r_kwargs, chosen,
@@ -320,7 +363,7 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
                     errors[name] = float((out - ref).float().norm() / ref.float().norm()
                                          .clamp_min(1e-30))
                 record["measured"]["teacher_rel_rms_vs_fp32"] = errors
-            _decide_cpu(role, chosen, record, figs, errors, calls, seconds[role],
+            _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds,
                         priors[role], bf16_tolerance, margin)
     policy = Policy(**{k: bool(v) for k, v in chosen.items()})
     record["decided"] = policy.as_dict()
@@ -340,6 +383,9 @@ def _eager_round_s(teacher, student, device, examples, updates, teacher_calls, t
                        {f"{role}_bf16": False, f"{role}_channels_last": False}, False)[0]["fp32"]
         total += updates * calls * float(timer(f"{role} fp32", fn))
     return total
+
+
+VARIANTS = ("fp32", "bf16", "fp32+channels_last", "bf16+channels_last")
 
 
 def _name(bf16: bool, cl: bool) -> str:
@@ -418,7 +464,7 @@ def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, prio
             if _parts(n)[1] and force["channels_last"] is not True:
                 continue
             speed = priors.get("bf16" if _parts(n)[0] else "fp32", 1.0)
-            plans[f"compile {n}"] = compile_seconds + calls * t(n) / speed
+            plans[f"compile {n}"] = compile_seconds[n] + calls * t(n) / speed
     pick = min(plans, key=plans.get)
     how, name = pick.split(" ", 1)
     bf16, cl = _parts(name)
@@ -428,7 +474,7 @@ def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, prio
     others = ", ".join(f"{k} {v:.1f} s" for k, v in plans.items() if k != pick)
     reasons[role] = (f"{pick}: expected {plans[pick]:.1f} s over {calls} calls (median "
                      f"{t(name) * 1e3:.2f} ms/call eager vs fp32 {t('fp32') * 1e3:.2f} ms; "
-                     f"compile {compile_seconds:.0f} s)" + (f"; rather than {others}"
+                     f"compile {compile_seconds[name]:.0f} s)" + (f"; rather than {others}"
                                                              if others else ""))
 
 
@@ -442,11 +488,13 @@ def _decide_cuda(role, chosen, record, bf16_ok, calls, compile_seconds, priors) 
     if chosen[f"{role}_compile"] is None:
         guess = 5e-3
         p = "bf16" if chosen[f"{role}_bf16"] else "fp32"
+        cost = compile_seconds[_name(bool(chosen[f"{role}_bf16"]),
+                                     bool(chosen[f"{role}_channels_last"]))]
         saving = calls * guess * (1 - 1 / priors.get(p, 1.0))
-        chosen[f"{role}_compile"] = saving > compile_seconds
+        chosen[f"{role}_compile"] = saving > cost
         record["reasons"][role] = (f"CUDA: bf16={chosen[f'{role}_bf16']}, compile "
                                    f"{chosen[f'{role}_compile']} (expected saving {saving:.0f}"
-                                   f" s vs {compile_seconds:.0f} s compile)")
+                                   f" s vs {cost:.0f} s compile)")
 
 
 def with_forced(policy: Policy, **forced) -> Policy:
@@ -466,13 +514,14 @@ class Applied:
 
 
 def apply(policy: Policy, *, teacher: nn.Module | None, student: nn.Module | None,
-          device, mode: str | None = None) -> Applied:
-    """`teacher_forward`, `prepare_student` (torch.compile `mode`) and `student_autocast` of
-    `policy` at once."""
+          device, mode: str | None = None, student_example: tuple | None = None) -> Applied:
+    """`teacher_forward`, `prepare_student` (torch.compile `mode`, the student's call
+    `student_example`) and `student_autocast` of `policy` at once."""
     device = torch.device(device)
     return Applied(
         teacher=teacher_forward(teacher, policy, device) if teacher is not None else None,
-        student=prepare_student(student, policy, mode) if student is not None else None,
+        student=prepare_student(student, policy, mode, student_example)
+        if student is not None else None,
         student_autocast=lambda: student_autocast(policy, device))
 
 

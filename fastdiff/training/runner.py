@@ -472,13 +472,14 @@ class _Losses:
         self.pending.clear()
 
 
-def _decide_policy(method: Method, request: Policy, batch, student, device, config,
+def _decide_policy(method: Method, request: Policy, example, student, device, config,
                    rank: int, world: int) -> tuple[Policy, dict]:
-    """Rank 0 resolves `request` on this update's batch (`policy.decide`); under DDP the
-    other ranks take its choices, so every rank runs the same precision."""
+    """Rank 0 resolves `request` on this update's example calls (`method.inputs(batch)`, or
+    None; `policy.decide`); under DDP the other ranks take its choices, so every rank runs
+    the same precision."""
     policy, record = request, {}
+    mode = config.compile if isinstance(config.compile, str) else None
     if rank == 0:
-        example = method.inputs(batch) if method.inputs is not None else None
         if example is None and device.type == "cuda":   # decided from the device: no calls
             example = (((), {}), ((), {}))
         # a data-parallel CPU run is not measured: rank 0 alone calling a teacher whose
@@ -500,7 +501,7 @@ def _decide_policy(method: Method, request: Policy, batch, student, device, conf
                                         updates=config.updates, device=device,
                                         teacher_calls=method.teacher_calls
                                         if teacher is not None else 0,
-                                        min_round_s=SHORT_ROUND_S)
+                                        min_round_s=SHORT_ROUND_S, mode=mode)
             record = json_safe(record)
     if world > 1:
         import torch.distributed as dist
@@ -557,17 +558,19 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
     prepared: dict = {}   # the policy put to work, at the first update (it needs a batch)
 
     def prepare(batch) -> None:
+        example = method.inputs(batch) if method.inputs is not None else None
         recorded = history.policy.get("decided") if start > 0 else None
         if recorded is not None:   # a resumed run keeps its choices (forced ones win)
             policy = with_forced(Policy(**recorded), **request.as_dict())
             record = dict(history.policy.get("record") or {}, resumed=True)
         else:
-            policy, record = _decide_policy(method, request, batch, student, device,
+            policy, record = _decide_policy(method, request, example, student, device,
                                             config, rank, world)
         teacher = method.teacher
         module = teacher if isinstance(teacher, nn.Module) else None
         applied = apply(policy, teacher=module, student=student, device=device,
-                        mode=config.compile if isinstance(config.compile, str) else None)
+                        mode=config.compile if isinstance(config.compile, str) else None,
+                        student_example=example[1] if example is not None else None)
         if module is not None:
             teacher = checked_output(applied.teacher, "teacher")
         train_model = applied.student
