@@ -341,7 +341,7 @@ def test_a_student_compiled_before_in_this_process_is_a_warm_compile(monkeypatch
     """The next round's student is another module of the same architecture: Dynamo's code
     for the last one serves it, so its compile is priced at WARM_COMPILE_SECONDS, not the
     cold prior; another batch shape is another graph, priced cold."""
-    monkeypatch.setattr(pol, "_COMPILED_STUDENTS", set())
+    monkeypatch.setattr(pol, "_COMPILED", {"teacher": set(), "student": set()})
     calls = 6000   # saves 6000 x 10 ms x (1 - 1/1.04) = 2.3 s: > 2 s warm, << 51 s cold
     cold, record = _decide(FakeTimer(_times()), updates=calls)
     assert not cold.student_compile and "warm_compile" not in record
@@ -349,6 +349,7 @@ def test_a_student_compiled_before_in_this_process_is_a_warm_compile(monkeypatch
     warm, record = _decide(FakeTimer(_times()), updates=calls)
     assert warm.student_compile and not warm.student_bf16
     assert record["warm_compile"] == {"student": ["fp32"], "seconds": 2.0}
+    assert not record["teacher_compile_shared"]
     assert record["expected_round_s"]["student"]["compile fp32"] == pytest.approx(
         pol.WARM_COMPILE_SECONDS["cpu"] + calls * 10e-3 / pol.COMPILE_PRIORS["cpu"]["student"]
         ["fp32"])
@@ -358,7 +359,7 @@ def test_a_student_compiled_before_in_this_process_is_a_warm_compile(monkeypatch
     assert not other.student_compile and "warm_compile" not in record
     # an eager student is not remembered
     pol.prepare_student(Tiny(), _student_policy(), example=_example(batch=32))
-    assert len(pol._COMPILED_STUDENTS) == 1
+    assert len(pol._COMPILED["student"]) == 1
 
 
 def test_dynamo_serves_a_copy_of_a_compiled_student_without_a_new_graph():
@@ -384,3 +385,89 @@ def test_dynamo_serves_a_copy_of_a_compiled_student_without_a_new_graph():
     out.square().mean().backward()
     assert counters["stats"]["unique_graphs"] == graphs
     assert torch.allclose(out, second(z, t)) and second.conv.weight.grad is not None
+
+
+def test_a_horizon_of_later_rounds_pays_for_a_shared_teacher_compile(monkeypatch):
+    """A 3000-update round cannot pay a 40 s frozen teacher compile (6000 calls x 10 ms
+    save 17 s at 1.4x); six rounds of it can, when the later rounds' teachers reuse the
+    code: its cold compile is charged to this round for its share of the horizon only, and
+    the next round's teacher, once compiled that way, is warm."""
+    monkeypatch.setattr(pol, "_COMPILED", {"teacher": set(), "student": set()})
+    alone, record = _decide(FakeTimer(_times()), updates=3000)
+    assert not alone.teacher_compile and not record["teacher_compile_shared"]
+    first, record = _decide(FakeTimer(_times()), updates=3000, horizon=18000)
+    assert first.teacher_compile and record["teacher_compile_shared"]
+    assert "teacher compiled (shared code) fp32" in pol.describe(
+        {"decided": first.as_dict(), "record": record})
+    plans = record["expected_round_s"]["teacher"]
+    speed = pol.SHARED_TEACHER_SPEEDUP["cpu"]
+    cold = pol.COMPILE_SECONDS["cpu"]["teacher"]
+    assert plans["compile-shared fp32"] == pytest.approx(cold * 3000 / 18000 + 6000 * 10e-3 / speed)
+    assert plans["compile fp32"] > plans["eager fp32"] > plans["compile-shared fp32"]
+    # the round runs it: the teacher compiled with shared code is remembered ...
+    (z, t), _ = _example()
+    f = teacher_forward(Tiny().eval(), first, shared=True, example=_example())
+    assert f(z, t).shape == z.shape
+    assert len(pol._COMPILED["teacher"]) == 1
+    # ... so the next round's teacher (another module, same architecture) is warm
+    nxt, record = _decide(FakeTimer(_times()), updates=3000, horizon=15000)
+    assert nxt.teacher_compile and record["teacher_compile_shared"]
+    assert record["warm_compile"]["teacher"] == ["fp32"]
+    assert record["expected_round_s"]["teacher"]["compile-shared fp32"] == pytest.approx(
+        pol.WARM_COMPILE_SECONDS["cpu"] + 6000 * 10e-3 / speed)
+
+
+def test_progressive_distill_gives_each_round_the_updates_left(monkeypatch):
+    from fastdiff.methods import pd
+
+    seen = []
+    real = pd.distill_round
+
+    def spy(teacher, data, **kw):
+        seen.append((kw["updates"], kw["horizon"]))
+        return real(teacher, data, **kw)
+
+    monkeypatch.setattr(pd, "distill_round", spy)
+    data = torch.randn(32, 2, 4, 4)
+    pd.progressive_distill(Recorder(), data, start_steps=8, end_steps=1, updates=[3, 2, 1],
+                           batch_size=8, lr=1e-3, eval_every=5, progress=False, policy="off")
+    assert seen == [(3, 6), (2, 3), (1, 1)]
+
+
+class ConvV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, z, t, **cond):
+        return self.net(z) * (1 + t.view(-1, 1, 1, 1).to(z.dtype))
+
+
+def test_the_next_rounds_teacher_runs_the_shared_compiled_code(monkeypatch):
+    """Wired through the runner: a policy that compiles the teacher with shared code gives
+    round 2's teacher (round 1's student, other weights) round 1's compiled code, with no
+    new Dynamo graph, and trains as the eager rounds do."""
+    from torch._dynamo.utils import counters
+
+    from fastdiff.methods.pd import progressive_distill
+    from fastdiff.training import runner
+
+    def shared_teacher(request, **kw):
+        return (Policy(**{f: f == "teacher_compile" for f in pol.FIELDS}),
+                {"teacher_compile_shared": True, "reasons": {}})
+
+    data = torch.randn(64, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    options = dict(start_steps=8, end_steps=2, updates=4, batch_size=16, lr=1e-3,
+                   eval_every=2, progress=False)
+    eager = progressive_distill(ConvV(), data, policy="off", **options)
+    monkeypatch.setattr(runner, "decide", shared_teacher)
+    torch._dynamo.reset()
+    graphs = []
+    results = progressive_distill(ConvV(), data, **options,
+                                  on_round=lambda r: graphs.append(
+                                      counters["stats"]["unique_graphs"]))
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]   # round 2 compiled nothing
+    for r, e in zip(results, eager):
+        assert r.history.policy["record"]["teacher_compile_shared"]
+        assert r.history.heldout[-1] == pytest.approx(e.history.heldout[-1], rel=1e-3)

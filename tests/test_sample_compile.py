@@ -206,6 +206,38 @@ def test_compiled_sampling_equals_eager_and_stale_weights_recompile():
     assert ref() is None
 
 
+def test_shared_code_serves_the_next_rounds_teacher_without_a_new_graph():
+    """frozen(freeze=False): weights stay graph inputs and the code is shared, so another
+    module of the same architecture (the next round's teacher, other weights) runs it with
+    no new Dynamo graph, and in-place weight updates are read, not baked in."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    z, t = NOISE.clone(), torch.full((4,), 0.5)
+    first = TinyV()
+    a = inference.frozen(first, freeze=False)
+    out = a(z, t)
+    assert a.info["state"] == "compiled" and not a.info["freezing"], a.info
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and rel_rms(out, first(z, t)) < 1e-5
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(0.5)
+    b = inference.frozen(second, freeze=False)
+    with torch.no_grad():
+        assert rel_rms(b(z, t), second(z, t)) < 1e-5
+        for p in second.parameters():     # an in-place update: read, never recompiled
+            p.add_(0.1)
+        assert rel_rms(b(z, t), second(z, t)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert b.info["compiles"] == 1
+    # the frozen kind of the same module is its own graph
+    assert inference.frozen(second)._core is not b._core
+
+
 def test_the_benchmarks_plain_loop_is_the_same_ddim():
     from benchmarks.sampling import plain_ddim
 

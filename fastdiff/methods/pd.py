@@ -217,7 +217,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
                   device=None, student: nn.Module | None = None, rank: int = 0,
                   world_size: int = 1, wrap_student=None, on_eval=None,
                   extra_cond=None, extra_settings: dict | None = None,
-                  max_skips: int = 20) -> RoundResult:
+                  max_skips: int = 20, horizon: int | None = None) -> RoundResult:
     """One halving of progressive distillation: a student for teacher_steps / 2 DDIM steps.
 
     Args:
@@ -245,6 +245,10 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
             fp32, or a `fastdiff.training.policy.Policy` / dict forcing some; see
             `RunConfig.policy`); what was chosen and why is in `history.policy`.
             autocast ("bf16"/"fp32") and compile (True) force the same choices.
+        horizon: the updates this round and the later rounds of the same architecture will
+            take in this process (`progressive_distill` passes the rounds left), over which
+            the policy may spread a teacher compile that the later rounds reuse
+            (`RunConfig.horizon`); None: this round only.
 
     Returns RoundResult(student = EMA weights, steps = teacher_steps // 2, teacher_steps,
     history).
@@ -260,7 +264,7 @@ def distill_round(teacher, data, *, teacher_steps: int, updates: int = 2000,
         checkpoint=_state_path(checkpoint_dir, teacher_steps) if checkpoint_dir else None,
         autocast=autocast, compile=compile, policy=policy, progress=progress, rank=rank,
         world_size=world_size, wrap_student=wrap_student, device=plan.device,
-        on_eval=on_eval)
+        on_eval=on_eval, horizon=horizon)
     result = run(plan.method, config, history=RoundHistory())
     out = result.student
     out.schedule = plan.schedule
@@ -375,6 +379,7 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
     for r in range(n_rounds):
         options = dict(round_options, teacher_steps=steps, updates=per_round[r],
                        checkpoint_dir=checkpoint_dir)
+        horizon = sum(per_round[r:])   # later rounds' teachers reuse a shared compile
         done_path = Path(checkpoint_dir) / f"student-{steps // 2:05d}" if checkpoint_dir else None
         fingerprint = _round_fingerprint(current, data, options) if done_path else None
         meta = _finished_round(done_path, steps, fingerprint) if done_path is not None else None
@@ -386,7 +391,7 @@ def progressive_distill(teacher, data, *, start_steps: int, end_steps: int = 1,
             result = RoundResult(student=student, steps=steps // 2, teacher_steps=steps,
                                  history=RoundHistory.from_dict(meta.get("history", {})))
         else:
-            result = distill_round(current, data, **options)
+            result = distill_round(current, data, **options, horizon=horizon)
             if done_path is not None and round_options.get("rank", 0) == 0:
                 with phase("checkpoint"):
                     save(result.student, done_path,

@@ -60,14 +60,18 @@ COMPILE_PRIORS = {
 #: expected seconds to compile (first call), by device and role
 COMPILE_SECONDS = {"cpu": {"teacher": inference.COMPILE_SECONDS["cpu"], "student": 51.0},
                    "cuda": {"teacher": inference.COMPILE_SECONDS["cuda"], "student": 90.0}}
-#: expected seconds of a student's compile when this process already compiled a student of
-#: the same architecture, variant, mode and input shapes (`student_key`): the next round's
-#: student, a copy of this round's, passes the guards of Dynamo's cached code and no graph is
-#: built again (on this project's CPU the demo U-Net's deep copy ran its first compiled
-#: forward + backward in 0.5 s, against 202 s for the cold compile). The frozen teacher has
-#: no such reuse: its weights are constants of its graph.
+#: expected seconds of a compile when this process already compiled a network of the same
+#: role, architecture, variant, mode and input shapes (`compile_key`): the next round's
+#: student (a copy of this round's), or its teacher compiled with shared code
+#: (`frozen(freeze=False)`), passes the guards of Dynamo's cached code and no graph is built
+#: again (on this project's CPU, demo U-Net: 0.5 s for a copied student's first compiled
+#: forward + backward against 202 s cold; 0.04 s for a copied teacher's first call against
+#: 37 s). A teacher frozen into its graph has no such reuse: its weights are constants there.
 WARM_COMPILE_SECONDS = {"cpu": 2.0, "cuda": 5.0}
-_COMPILED_STUDENTS: set = set()   # student_key of every student this process compiled
+#: expected speed over eager fp32 of a teacher compiled with shared code, weights as graph
+#: inputs (CPU: measured 1.33x, noisy, against 1.45x frozen; CUDA: unmeasured, not used)
+SHARED_TEACHER_SPEEDUP = {"cpu": 1.3}
+_COMPILED: dict = {"teacher": set(), "student": set()}   # compile_key of what was compiled
 NOISY_SPREAD = 1.3
 MARGIN = 0.05          # a variant must be >= 5% faster than fp32 to be taken
 BF16_TOLERANCE = 2e-2  # relative RMS of the bf16 teacher's output against fp32's
@@ -188,10 +192,14 @@ def _cl_copy(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------- running the choices
-def teacher_forward(teacher: nn.Module, policy: Policy, device=None) -> Callable:
+def teacher_forward(teacher: nn.Module, policy: Policy, device=None, *, shared: bool = False,
+                    example: tuple | None = None) -> Callable:
     """The frozen teacher as `f(z, t, **cond) -> v` (z's dtype where autocast ran it in
     bf16, contiguous) under `policy`:
-    no_grad, bf16 autocast, channels_last, torch.compile with weight freezing as chosen.
+    no_grad, bf16 autocast, channels_last, torch.compile with weight freezing as chosen;
+    `shared`: compiled with shared code instead (`frozen(freeze=False)`: weights as graph
+    inputs, the code reused by a later teacher of the same architecture), remembered with
+    its call's `example` (`compile_key`) for a later round's decision.
 
     no_grad rather than inference_mode: tensors made under inference_mode cannot be saved
     for the student's backward (the fused loss keeps its inputs), so the outputs would need a
@@ -203,7 +211,10 @@ def teacher_forward(teacher: nn.Module, policy: Policy, device=None) -> Callable
         teacher = teacher.to(memory_format=torch.channels_last)
     # compiled with Inductor weight freezing (and CUDA graphs on CUDA) by the engine's one
     # `frozen`, which also recompiles should the teacher's weights ever change
-    net = frozen(teacher) if policy.teacher_compile else teacher
+    net = frozen(teacher, freeze=not shared) if policy.teacher_compile else teacher
+    if policy.teacher_compile and shared and example is not None:
+        variant = _name(bool(policy.teacher_bf16), bool(policy.teacher_channels_last))
+        _COMPILED["teacher"].add(compile_key(teacher, example, variant, None))
 
     def forward(z, t, **cond):
         with torch.no_grad(), _autocast(device, bool(policy.teacher_bf16)):
@@ -221,8 +232,8 @@ def student_autocast(policy: Policy, device) -> contextlib.AbstractContextManage
     return _autocast(torch.device(device), bool(policy.student_bf16))
 
 
-def student_key(student: nn.Module, example: tuple, variant: str, mode: str | None) -> tuple:
-    """What decides whether a compiled student's code serves another student, as far as the
+def compile_key(model: nn.Module, example: tuple, variant: str, mode: str | None) -> tuple:
+    """What decides whether a network's compiled code serves another, as far as the
     compile-cost prior goes: its class, its parameters' and buffers' names, shapes and
     dtypes, its device type, the variant (`"fp32"`, `"bf16+channels_last"`, ...), the compile
     mode and the shapes and dtypes of one call's tensors (`example` = (args, kwargs))."""
@@ -231,9 +242,9 @@ def student_key(student: nn.Module, example: tuple, variant: str, mode: str | No
             else type(x).__name__
 
     args, kwargs = example
-    return (type(student).__module__, type(student).__qualname__,
-            tuple((n, tuple(v.shape), str(v.dtype)) for n, v in student.state_dict().items()),
-            _device(student).type, variant, mode, tuple(sig(a) for a in args),
+    return (type(model).__module__, type(model).__qualname__,
+            tuple((n, tuple(v.shape), str(v.dtype)) for n, v in model.state_dict().items()),
+            _device(model).type, variant, mode, tuple(sig(a) for a in args),
             tuple((k, sig(v)) for k, v in sorted(kwargs.items())))
 
 
@@ -241,7 +252,7 @@ def prepare_student(student: nn.Module, policy: Policy, mode: str | None = None,
                     example: tuple | None = None) -> nn.Module:
     """The student moved to channels_last and/or compiled (torch.compile `mode`) as chosen
     (the plain module keeps its parameters: optimizer, EMA and checkpoints use `student`
-    itself). A compiled student with its call's `example` is remembered (`student_key`), so
+    itself). A compiled student with its call's `example` is remembered (`compile_key`), so
     that a later round's decision counts its compile as warm."""
     if policy.student_channels_last:
         student.to(memory_format=torch.channels_last)
@@ -249,7 +260,7 @@ def prepare_student(student: nn.Module, policy: Policy, mode: str | None = None,
         return student
     if example is not None:
         variant = _name(bool(policy.student_bf16), bool(policy.student_channels_last))
-        _COMPILED_STUDENTS.add(student_key(student, example, variant, mode))
+        _COMPILED["student"].add(compile_key(student, example, variant, mode))
     return torch.compile(student, mode=mode)
 
 
@@ -269,7 +280,7 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
            compile_speedup: dict | None = None, bf16_tolerance: float = BF16_TOLERANCE,
            margin: float = MARGIN, allow_emulated_bf16: bool = False,
            student_example: tuple | None = None, min_round_s: float | None = None,
-           mode: str | None = None) -> tuple[Policy, dict]:
+           mode: str | None = None, horizon: int | None = None) -> tuple[Policy, dict]:
     """Resolve `request` (None/"auto", a Policy or a dict; forced fields are kept) for a
     round of `updates` updates, each calling the teacher `teacher_calls` times and the
     student once (forward and backward).
@@ -288,9 +299,14 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
         would take less than this many seconds eager, nothing is measured further and every
         undecided choice is off (no compile can pay back on such a round, and the
         measurement itself would be a visible share of it). None: always measure.
-    mode: the student's torch.compile mode. A student variant this process has compiled
-        before (`prepare_student`, same `student_key`) is expected to compile in
-        `WARM_COMPILE_SECONDS` (recorded under "warm_compile").
+    mode: the student's torch.compile mode. A variant this process has compiled before
+        (`prepare_student`, a shared `teacher_forward`; same `compile_key`) is expected to
+        compile in `WARM_COMPILE_SECONDS` (recorded under "warm_compile").
+    horizon: the updates networks of this architecture will run in this process from this
+        round on, later rounds included (progressive distillation: the rounds left; default
+        `updates`). On CPU a teacher may then be compiled with shared code
+        (`record["teacher_compile_shared"]`), whose cold compile is charged to this round
+        only for its share of the horizon, since the later rounds' teachers reuse it.
 
     Returns (policy with every field a bool, record).
     """
@@ -337,15 +353,22 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
             record["reasons"][role] = "no model given: off"
             continue
         calls = updates * (teacher_calls if role == "teacher" else 1)
-        warm = set()
-        if role == "student":
-            warm = {n for n in VARIANTS if student_key(model, examples[role], n, mode)
-                    in _COMPILED_STUDENTS}
-            if warm:
-                record["warm_compile"] = {"student": sorted(warm),
-                                          "seconds": WARM_COMPILE_SECONDS[kind]}
-        compile_seconds = {n: WARM_COMPILE_SECONDS[kind] if n in warm else seconds[role]
-                           for n in VARIANTS}
+        key_mode = mode if role == "student" else None
+        warm = {n for n in VARIANTS if compile_key(model, examples[role], n, key_mode)
+                in _COMPILED[role]}
+        if warm:
+            record.setdefault("warm_compile", {"seconds": WARM_COMPILE_SECONDS[kind]})[role] \
+                = sorted(warm)
+        compile_seconds = {n: seconds[role] for n in VARIANTS}
+        shared = None
+        if role == "teacher" and kind == "cpu":
+            share = updates / max(horizon or updates, updates)
+            shared = {"speedup": SHARED_TEACHER_SPEEDUP[kind], "share": share,
+                      "seconds": {n: WARM_COMPILE_SECONDS[kind] if n in warm
+                                  else seconds[role] * share for n in VARIANTS}}
+        elif role == "student":
+            compile_seconds = {n: WARM_COMPILE_SECONDS[kind] if n in warm else seconds[role]
+                               for n in VARIANTS}
         if kind == "cuda":
             _decide_cuda(role, chosen, record, bf16_ok, calls, compile_seconds, priors[role])
         else:
@@ -364,7 +387,7 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
                                          .clamp_min(1e-30))
                 record["measured"]["teacher_rel_rms_vs_fp32"] = errors
             _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds,
-                        priors[role], bf16_tolerance, margin)
+                        priors[role], bf16_tolerance, margin, shared)
     policy = Policy(**{k: bool(v) for k, v in chosen.items()})
     record["decided"] = policy.as_dict()
     record["measure_s"] = clock() - t_start
@@ -429,7 +452,9 @@ def _variants(role, model, device, args, kwargs, chosen, bf16_ok):
 
 
 def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, priors,
-                tolerance, margin) -> None:
+                tolerance, margin, shared=None) -> None:
+    """`shared`: for a teacher, the shared-code compile's {"speedup", "seconds" by variant}
+    (`decide`'s horizon), planned beside the frozen one."""
     r, reasons = f"{role}_", record["reasons"]
     force = {k: chosen[r + k] for k in ("compile", "bf16", "channels_last")}
     if not all(_trusted(f) for f in figs.values()):
@@ -465,16 +490,23 @@ def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, prio
                 continue
             speed = priors.get("bf16" if _parts(n)[0] else "fp32", 1.0)
             plans[f"compile {n}"] = compile_seconds[n] + calls * t(n) / speed
+            if shared is not None and not _parts(n)[0]:   # fp32 measured only
+                plans[f"compile-shared {n}"] = (shared["seconds"][n]
+                                                + calls * t(n) / shared["speedup"])
     pick = min(plans, key=plans.get)
     how, name = pick.split(" ", 1)
     bf16, cl = _parts(name)
-    chosen.update({r + "compile": how == "compile", r + "bf16": bf16,
+    chosen.update({r + "compile": how != "eager", r + "bf16": bf16,
                    r + "channels_last": cl})
+    if role == "teacher":
+        record["teacher_compile_shared"] = how == "compile-shared"
     record.setdefault("expected_round_s", {})[role] = plans
     others = ", ".join(f"{k} {v:.1f} s" for k, v in plans.items() if k != pick)
     reasons[role] = (f"{pick}: expected {plans[pick]:.1f} s over {calls} calls (median "
                      f"{t(name) * 1e3:.2f} ms/call eager vs fp32 {t('fp32') * 1e3:.2f} ms; "
-                     f"compile {compile_seconds[name]:.0f} s)" + (f"; rather than {others}"
+                     f"compile {compile_seconds[name]:.0f} s"
+                     + (f", shared {shared['seconds'][name]:.0f} s" if shared else "")
+                     + ")" + (f"; rather than {others}"
                                                              if others else ""))
 
 
@@ -514,12 +546,15 @@ class Applied:
 
 
 def apply(policy: Policy, *, teacher: nn.Module | None, student: nn.Module | None,
-          device, mode: str | None = None, student_example: tuple | None = None) -> Applied:
-    """`teacher_forward`, `prepare_student` (torch.compile `mode`, the student's call
-    `student_example`) and `student_autocast` of `policy` at once."""
+          device, mode: str | None = None, student_example: tuple | None = None,
+          teacher_example: tuple | None = None, teacher_shared: bool = False) -> Applied:
+    """`teacher_forward` (`teacher_shared`, its call `teacher_example`), `prepare_student`
+    (torch.compile `mode`, the student's call `student_example`) and `student_autocast` of
+    `policy` at once."""
     device = torch.device(device)
     return Applied(
-        teacher=teacher_forward(teacher, policy, device) if teacher is not None else None,
+        teacher=teacher_forward(teacher, policy, device, shared=teacher_shared,
+                                example=teacher_example) if teacher is not None else None,
         student=prepare_student(student, policy, mode, student_example)
         if student is not None else None,
         student_autocast=lambda: student_autocast(policy, device))
@@ -548,8 +583,12 @@ def describe(recorded: dict) -> str:
     if not decided:
         return "policy not recorded"
 
+    shared = (recorded.get("record") or {}).get("teacher_compile_shared")
+
     def role(r: str) -> str:
         how = "compiled" if decided.get(f"{r}_compile") else "eager"
+        if how == "compiled" and r == "teacher" and shared:
+            how = "compiled (shared code)"
         what = "bf16" if decided.get(f"{r}_bf16") else "fp32"
         return f"{r} {how} {what}" + ("+channels_last" if decided.get(f"{r}_channels_last")
                                       else "")

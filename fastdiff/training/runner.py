@@ -140,6 +140,10 @@ class RunConfig:
             run keeps the choices it made. autocast: "bf16" / "fp32" forces both networks'
             precision (None: decide); compile: True or a mode name forces the student's
             torch.compile (False: decide).
+        horizon: the updates networks of this architecture will train for in this process
+            from this run on, later rounds included (None: `updates`); the policy spreads a
+            reusable teacher compile over them (`policy.decide(horizon=)`). Not part of the
+            fingerprint: it changes speed, not what is trained.
         progress: show a bar (rank 0 only); rank, world_size, wrap_student: data
             parallelism (e.g. `fastdiff.engine.parallel.ddp_wrapper(device)`); device.
         on_eval: `on_eval(update, value)` after each held-out measure.
@@ -163,6 +167,7 @@ class RunConfig:
     policy: object = None
     autocast: object = None
     compile: bool | str = False
+    horizon: int | None = None
     progress: bool = True
     rank: int = 0
     world_size: int = 1
@@ -501,7 +506,8 @@ def _decide_policy(method: Method, request: Policy, example, student, device, co
                                         updates=config.updates, device=device,
                                         teacher_calls=method.teacher_calls
                                         if teacher is not None else 0,
-                                        min_round_s=SHORT_ROUND_S, mode=mode)
+                                        min_round_s=SHORT_ROUND_S, mode=mode,
+                                        horizon=config.horizon)
             record = json_safe(record)
     if world > 1:
         import torch.distributed as dist
@@ -570,7 +576,9 @@ def run(method: Method, config: RunConfig, *, history: History | None = None) ->
         module = teacher if isinstance(teacher, nn.Module) else None
         applied = apply(policy, teacher=module, student=student, device=device,
                         mode=config.compile if isinstance(config.compile, str) else None,
-                        student_example=example[1] if example is not None else None)
+                        student_example=example[1] if example is not None else None,
+                        teacher_example=example[0] if example is not None else None,
+                        teacher_shared=bool(record.get("teacher_compile_shared")))
         if module is not None:
             teacher = checked_output(applied.teacher, "teacher")
         train_model = applied.student
