@@ -2,7 +2,13 @@
 policy off, interleaved in one process (issue 14: "show the same for guided stage 1 and SFD").
 
     python -m benchmarks.methods [--updates 300] [--batch 128] [--reps 2] [--threads 1]
-                                 [--method guided-stage1 --method sfd] [--json F]
+                                 [--method guided-stage1 --method sfd
+                                  --method pd-demo-rounds] [--json F]
+
+"pd-demo-rounds" is the first two rounds of `make demo` (300 + 300 updates), each told the
+updates left in the demo (`horizon`): where the policy compiles the teacher with shared
+code in round 1, round 2 reuses it. Every run starts cold (`cold_start`: no compiled graph
+or on-disk compile cache carries over from the previous run).
 
 The reference is fastdiff's own plain path, ``policy="off"``: eager float32 networks, no
 compile, the teacher under ``inference_mode`` as in any loop (for PD that path runs at the
@@ -27,14 +33,44 @@ import torch
 
 from benchmarks import common
 
-METHODS = ("guided-stage1", "sfd")
+METHODS = ("guided-stage1", "sfd", "pd-demo-rounds")
 PROVIDERS = ("off", "default")
 TARGET_SPEEDUP = 1.5
 
 
+def cold_start() -> None:
+    """Forget every compiled graph (Dynamo's, and the policy's record of warm compiles), so
+    that each run pays its own compiles as a fresh process would (`main` also turns off
+    Inductor's on-disk caches)."""
+    from fastdiff.training import policy as pol
+
+    torch._dynamo.reset()
+    for keys in pol._COMPILED.values():
+        keys.clear()
+
+
 def train(method: str, teacher, data, *, policy, updates: int, batch_size: int,
           seed: int = 0) -> dict:
-    """One run of `method` under `policy` (None = the defaults); its clock and choices."""
+    """One run of `method` under `policy` (None = the defaults); its clock and choices.
+    "pd-demo-rounds": the first two rounds of `make demo` (64 -> 32 -> 16 steps, the demo's
+    updates per round, each told the updates left in the demo's six rounds; `updates` is
+    not used)."""
+    cold_start()
+    if method == "pd-demo-rounds":
+        from fastdiff.apps.demo import DEMO_UPDATES
+        from fastdiff.methods.pd import distill_round
+
+        current, wall, left = teacher, 0.0, sum(DEMO_UPDATES)
+        for steps, n in ((64, DEMO_UPDATES[0]), (32, DEMO_UPDATES[1])):
+            result = distill_round(current, data, teacher_steps=steps, updates=n,
+                                   batch_size=batch_size, lr=5e-4, seed=seed, eval_every=n,
+                                   policy=policy, progress=False, horizon=left)
+            left -= n
+            wall += result.history.wall_time
+            current = result.student
+        h = result.history
+        return {"wall_s": wall, "quality": h.heldout[-1] if h.heldout else None,
+                "policy": h.policy}
     if method == "guided-stage1":
         from fastdiff.methods.guided import distill_guidance
 
@@ -108,6 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # a compile must cost what it costs the first time, not an on-disk cache hit
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     from benchmarks.quality import demo_teacher_and_data
 
     teacher, data, name = demo_teacher_and_data()
