@@ -254,8 +254,8 @@ def _load_avg() -> list:
 
 def run_diffusers_demo(out="runs/diffusers-demo", *, ws=(0.0, 1.0, 2.0, 4.0),
                        reference_steps: int = 64, start_steps: int = 16, steps: int = 4,
-                       stage1_updates: int = 800, stage1_lr: float = 2e-3,
-                       updates: int = 300, stochastic_updates: int | None = None,
+                       stage1_updates: int = 5000, stage1_lr: float = 2e-3,
+                       updates: int = 300, stochastic_updates: int | None = 1000,
                        lr: float = 5e-4, batch_size: int = 128,
                        w_check: float = 2.0, n_samples: int | None = None, draws: int = 3,
                        recipe: DiffusersDigitsRecipe | None = None, cache=None,
@@ -266,7 +266,7 @@ def run_diffusers_demo(out="runs/diffusers-demo", *, ws=(0.0, 1.0, 2.0, 4.0),
     recipe / cache: the teacher (`diffusers_digits_teacher`; quick mode caches under
     `out/cache`). Stage 1 (`stage1_updates` at `stage1_lr`), stage 2 from `start_steps`
     DDIM steps to `steps` (`updates` per halving at `lr`) and the `steps`-step
-    stochastic-sampler student (`stochastic_updates`, default `updates`, from the 2·steps
+    stochastic-sampler student (`stochastic_updates`; None: `updates`; from the 2·steps
     student) run as one
     `fastdiff distill --method guided` command into `out/distill/`. Scores: the mean (± sd)
     over `draws` fixed class-balanced noise sets of `n_samples` (default: the FID's
