@@ -42,11 +42,10 @@ def cold_start() -> None:
     """Forget every compiled graph (Dynamo's, and the policy's record of warm compiles), so
     that each run pays its own compiles as a fresh process would (`main` also turns off
     Inductor's on-disk caches)."""
-    from fastdiff.training import policy as pol
+    from fastdiff.training.policy import forget_compiled
 
     torch._dynamo.reset()
-    for keys in pol._COMPILED.values():
-        keys.clear()
+    forget_compiled()
 
 
 def train(method: str, teacher, data, *, policy, updates: int, batch_size: int,

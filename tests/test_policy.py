@@ -360,6 +360,9 @@ def test_a_student_compiled_before_in_this_process_is_a_warm_compile(monkeypatch
     # an eager student is not remembered
     pol.prepare_student(Tiny(), _student_policy(), example=_example(batch=32))
     assert len(pol._COMPILED["student"]) == 1
+    pol.forget_compiled()                 # what a benchmark's cold start does
+    again, record = _decide(FakeTimer(_times()), updates=calls)
+    assert not again.student_compile and "warm_compile" not in record
 
 
 def test_dynamo_serves_a_copy_of_a_compiled_student_without_a_new_graph():

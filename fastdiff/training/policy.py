@@ -72,6 +72,13 @@ WARM_COMPILE_SECONDS = {"cpu": 2.0, "cuda": 5.0}
 #: inputs (CPU: measured 1.33x, noisy, against 1.45x frozen; CUDA: unmeasured, not used)
 SHARED_TEACHER_SPEEDUP = {"cpu": 1.3}
 _COMPILED: dict = {"teacher": set(), "student": set()}   # compile_key of what was compiled
+
+
+def forget_compiled() -> None:
+    """Forget which networks this process compiled (every later compile is priced cold);
+    for benchmarks that time cold starts after `torch._dynamo.reset()`."""
+    for keys in _COMPILED.values():
+        keys.clear()
 NOISY_SPREAD = 1.3
 MARGIN = 0.05          # a variant must be >= 5% faster than fp32 to be taken
 BF16_TOLERANCE = 2e-2  # relative RMS of the bf16 teacher's output against fp32's
@@ -506,8 +513,7 @@ def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, prio
                      f"{t(name) * 1e3:.2f} ms/call eager vs fp32 {t('fp32') * 1e3:.2f} ms; "
                      f"compile {compile_seconds[name]:.0f} s"
                      + (f", shared {shared['seconds'][name]:.0f} s" if shared else "")
-                     + ")" + (f"; rather than {others}"
-                                                             if others else ""))
+                     + ")" + (f"; rather than {others}" if others else ""))
 
 
 def _decide_cuda(role, chosen, record, bf16_ok, calls, compile_seconds, priors) -> None:
