@@ -1,13 +1,15 @@
-"""Guided stage 1 and SFD with fastdiff's defaults against the same method with the speed
-policy off, interleaved in one process (issue 14: "show the same for guided stage 1 and SFD").
+"""Guided stage 1, SFD and the demo's PD rounds with fastdiff's defaults against the same
+method with the speed policy off, interleaved in one process (issue 14: "show the same for
+guided stage 1 and SFD").
 
     python -m benchmarks.methods [--updates 300] [--batch 128] [--reps 2] [--threads 1]
                                  [--method guided-stage1 --method sfd
-                                  --method pd-demo-rounds] [--json F]
+                                  --method pd-demo-rounds --method pd-demo] [--json F]
 
 "pd-demo-rounds" is the first two rounds of `make demo` (300 + 300 updates), each told the
 updates left in the demo (`horizon`): where the policy compiles the teacher with shared
-code in round 1, round 2 reuses it. Every run starts cold (`cold_start`: no compiled graph
+code in round 1, round 2 reuses it. "pd-demo" is all six rounds (3400 updates: about 15
+min per run at 1 thread). Every run starts cold (`cold_start`: no compiled graph
 or on-disk compile cache carries over from the previous run).
 
 The reference is fastdiff's own plain path, ``policy="off"``: eager float32 networks, no
@@ -33,7 +35,8 @@ import torch
 
 from benchmarks import common
 
-METHODS = ("guided-stage1", "sfd", "pd-demo-rounds")
+METHODS = ("guided-stage1", "sfd", "pd-demo-rounds", "pd-demo")
+DEFAULT_METHODS = METHODS[:3]   # pd-demo: ~1 hour for 2 reps; asked for by name
 PROVIDERS = ("off", "default")
 TARGET_SPEEDUP = 1.5
 
@@ -52,9 +55,21 @@ def train(method: str, teacher, data, *, policy, updates: int, batch_size: int,
           seed: int = 0) -> dict:
     """One run of `method` under `policy` (None = the defaults); its clock and choices.
     "pd-demo-rounds": the first two rounds of `make demo` (64 -> 32 -> 16 steps, the demo's
-    updates per round, each told the updates left in the demo's six rounds; `updates` is
-    not used)."""
+    updates per round, each told the updates left in the demo's six rounds); "pd-demo": all
+    six (`progressive_distill` 64 -> 1, as `make demo` runs them). Neither uses `updates`."""
     cold_start()
+    if method == "pd-demo":
+        from fastdiff.apps.demo import DEMO_UPDATES
+        from fastdiff.methods.pd import progressive_distill
+
+        results = progressive_distill(teacher, data, start_steps=64, end_steps=1,
+                                      updates=list(DEMO_UPDATES), batch_size=batch_size,
+                                      lr=5e-4, seed=seed, eval_every=100, policy=policy,
+                                      progress=False)
+        h = results[-1].history
+        return {"wall_s": sum(r.history.wall_time for r in results),
+                "quality": h.heldout[-1] if h.heldout else None,
+                "policy": [r.history.policy.get("decided") for r in results]}
     if method == "pd-demo-rounds":
         from fastdiff.apps.demo import DEMO_UPDATES
         from fastdiff.methods.pd import distill_round
@@ -124,7 +139,8 @@ def format_report(method: str, result: dict, settings: dict) -> str:
              f"{result['off']['loadavg_before']} -> {result['off']['loadavg_after']}"]
     for name in PROVIDERS:
         f = result[name]
-        chosen = (f["policy"] or {}).get("decided", f["policy"])
+        chosen = f["policy"].get("decided", f["policy"]) if isinstance(f["policy"], dict) \
+            else f["policy"]   # pd-demo: one decision per round
         lines.append(f"  policy {name:<8} min {f['min_s']:.2f} s, median {f['median_s']:.2f} s, "
                      f"spread {f['spread']:.2f}; quality {f['quality']}; policy {chosen}")
     lines.append(f"  defaults / off: {result['speedup']:.2f}x (medians); target >= "
@@ -152,7 +168,7 @@ def main(argv=None) -> int:
     settings = {"updates": args.updates, "batch": args.batch, "reps": args.reps,
                 "threads": torch.get_num_threads(), "teacher": name}
     out = {"settings": settings}
-    for method in args.method or METHODS:
+    for method in args.method or DEFAULT_METHODS:
         out[method] = compare(method, teacher, data, reps=args.reps, updates=args.updates,
                               batch_size=args.batch)
         print(format_report(method, out[method], settings), flush=True)
