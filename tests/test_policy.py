@@ -418,6 +418,19 @@ def test_a_horizon_of_later_rounds_pays_for_a_shared_teacher_compile(monkeypatch
     assert record["warm_compile"]["teacher"] == ["fp32"]
     assert record["expected_round_s"]["teacher"]["compile-shared fp32"] == pytest.approx(
         pol.WARM_COMPILE_SECONDS["cpu"] + 6000 * 10e-3 / speed)
+    # a noisy measurement in a later round keeps the code already paid for (measured on
+    # the demo's rounds: dropping it lost round 1's compile); a cold teacher stays eager
+    noisy = FakeTimer(_times(teacher={"fp32": [5e-3, 20e-3, 6e-3]}))
+    kept, record = _decide(noisy, updates=3000, horizon=15000)
+    assert kept.teacher_compile and record["teacher_compile_shared"]
+    assert "noisy" in record["reasons"]["teacher"]
+    assert "already paid for" in record["reasons"]["teacher"]
+    forced_off, _ = _decide(noisy, updates=3000, horizon=15000,
+                            request={"teacher_compile": False})
+    assert not forced_off.teacher_compile
+    pol.forget_compiled()
+    cold, record = _decide(noisy, updates=3000, horizon=15000)
+    assert not cold.teacher_compile and not record.get("teacher_compile_shared")
 
 
 def test_progressive_distill_gives_each_round_the_updates_left(monkeypatch):

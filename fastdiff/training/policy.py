@@ -370,7 +370,7 @@ def decide(request=None, *, teacher: nn.Module, student: nn.Module | None = None
         shared = None
         if role == "teacher" and kind == "cpu":
             share = updates / max(horizon or updates, updates)
-            shared = {"speedup": SHARED_TEACHER_SPEEDUP[kind], "share": share,
+            shared = {"speedup": SHARED_TEACHER_SPEEDUP[kind], "share": share, "warm": warm,
                       "seconds": {n: WARM_COMPILE_SECONDS[kind] if n in warm
                                   else seconds[role] * share for n in VARIANTS}}
         elif role == "student":
@@ -460,8 +460,8 @@ def _variants(role, model, device, args, kwargs, chosen, bf16_ok):
 
 def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, priors,
                 tolerance, margin, shared=None) -> None:
-    """`shared`: for a teacher, the shared-code compile's {"speedup", "seconds" by variant}
-    (`decide`'s horizon), planned beside the frozen one."""
+    """`shared`: for a teacher, the shared-code compile's {"speedup", "seconds" by variant,
+    "warm": variants compiled before} (`decide`'s horizon), planned beside the frozen one."""
     r, reasons = f"{role}_", record["reasons"]
     force = {k: chosen[r + k] for k in ("compile", "bf16", "channels_last")}
     if not all(_trusted(f) for f in figs.values()):
@@ -469,6 +469,14 @@ def _decide_cpu(role, chosen, record, figs, errors, calls, compile_seconds, prio
         reasons[role] = f"noisy measurement (spread {noisy}): undecided choices off"
         for k, v in force.items():
             chosen[r + k] = bool(v)
+        if shared is not None and "fp32" in shared["warm"] and force["compile"] is not False \
+                and not force["bf16"] and not force["channels_last"]:
+            # an earlier round paid for this code on the bet that later rounds run it:
+            # a noisy measurement now is no reason to drop what costs nothing more
+            chosen[r + "compile"] = True
+            record["teacher_compile_shared"] = True
+            reasons[role] += ("; but the shared compiled code of an earlier round's teacher "
+                              "is reused (already paid for)")
         return
 
     def fits(name: str) -> bool:
