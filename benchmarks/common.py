@@ -65,6 +65,16 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def write_json(path, obj) -> None:
+    """Write a benchmark's results to `path` as indented JSON (parent folders made; values
+    JSON cannot hold written as text)."""
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1, default=str))
+
+
 def loadavg() -> list[float]:
     """1/5/15-minute load averages (noise indicator for CPU timings)."""
     try:

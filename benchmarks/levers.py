@@ -18,11 +18,9 @@ step, and sampling, each timed interleaved in one process (benchmarks.common.int
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -225,8 +223,7 @@ def main(argv=None) -> int:
         print(f"  {k:<44} {v * 1e3:7.1f} ms  {naive / v:.2f}x")
     out["projection_update_s"] = proj | {"eager": naive}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        common.write_json(args.json, out)
     return 0
 
 

@@ -27,9 +27,7 @@ target of 1.5x.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -173,8 +171,7 @@ def main(argv=None) -> int:
                               batch_size=args.batch)
         print(format_report(method, out[method], settings), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        common.write_json(args.json, out)
     return 0
 
 

@@ -32,11 +32,9 @@ is within 1.10x of the plain loop's.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -251,8 +249,7 @@ def main(argv=None) -> int:
     result["teacher"] = name
     print(format_report(result, name))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        common.write_json(args.json, result)
     return 0
 
 

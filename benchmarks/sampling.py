@@ -36,7 +36,6 @@ loop, samples within 2e-2 rel RMS of float32.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -266,8 +265,7 @@ def main(argv=None) -> int:
         else:
             out["diffusers"] = diffusers_part(args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        common.write_json(args.json, out)
     return 0
 
 
